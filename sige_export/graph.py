@@ -1,0 +1,220 @@
+"""Small helpers over ONNX graphs: static shapes, constants, consumers, sub-model extraction."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+
+def attrs_of(node: onnx.NodeProto) -> dict:
+    """Node attributes as plain Python values (strings decoded)."""
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn tensor-valued Constant nodes into initializers so every constant is looked up one way."""
+    graph = model.graph
+    keep = []
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            alias = onnx.TensorProto()
+            alias.CopyFrom(inits[node.input[0]])
+            alias.name = node.output[0]
+            graph.initializer.append(alias)
+            inits[alias.name] = alias
+            continue
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            a = attrs_of(node)
+            if "value" in a:
+                arr = numpy_helper.to_array(node.attribute[0].t)
+            elif "value_float" in a:
+                arr = np.array(a["value_float"], np.float32)
+            elif "value_floats" in a:
+                arr = np.array(a["value_floats"], np.float32)
+            elif "value_int" in a:
+                arr = np.array(a["value_int"], np.int64)
+            elif "value_ints" in a:
+                arr = np.array(a["value_ints"], np.int64)
+            else:
+                keep.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+@dataclass
+class GraphInfo:
+    """Read-only facts about a graph: producers, consumers, shapes, constant values."""
+
+    model: onnx.ModelProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto) -> "GraphInfo":
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        info = cls(model=model)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                info.shapes[vi.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+                )
+            info.dtypes[vi.name] = t.elem_type
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            info.consts[init.name] = arr
+            info.shapes[init.name] = tuple(arr.shape)
+            info.dtypes[init.name] = init.data_type
+        for node in model.graph.node:
+            for o in node.output:
+                info.producer[o] = node
+            for i in node.input:
+                if i:
+                    info.consumers[i].append(node)
+        for o in model.graph.output:
+            info.consumers[o.name]  # graph outputs count as uses via is_graph_output
+        return info
+
+    def is_graph_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.model.graph.output)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        s = self.shapes.get(name)
+        if s is None or any(not isinstance(d, int) or d <= 0 for d in s):
+            return None
+        return s
+
+
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is produced before use (stable for sorted graphs)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i not in available})
+            raise ValueError(f"graph is not a DAG or has undefined inputs: {missing[:5]}")
+        pending = rest
+    return ordered
+
+
+def extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], name: str) -> onnx.ModelProto:
+    """The sub-model computing ``outputs`` from ``inputs`` (tensors named as inputs become graph inputs)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    value_types = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    cut = set(inputs)
+    needed_nodes: list[onnx.NodeProto] = []
+    needed_inits: set[str] = set()
+    seen: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen or t == "":
+            continue
+        seen.add(t)
+        if t in cut:
+            continue
+        if t in inits:
+            needed_inits.add(t)
+            continue
+        node = producer.get(t)
+        if node is None:
+            raise ValueError(f"cannot extract {name!r}: tensor {t!r} is neither produced nor an input")
+        needed_nodes.append(node)
+        seen.update(o for o in node.output if o != t)
+        stack.extend(node.input)
+    order = {id(n): k for k, n in enumerate(graph.node)}
+    needed_nodes.sort(key=lambda n: order[id(n)])
+
+    def vi(t: str) -> onnx.ValueInfoProto:
+        if t in value_types:
+            return value_types[t]
+        raise ValueError(f"cannot extract {name!r}: no type known for {t!r}")
+
+    sub = helper.make_graph(
+        needed_nodes,
+        name,
+        [vi(t) for t in inputs],
+        [vi(t) for t in outputs],
+        [i for i in graph.initializer if i.name in needed_inits],
+    )
+    out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    used = {(n.domain, n.op_type, n.overload) for n in needed_nodes}
+    out.functions.extend(f for f in model.functions if (f.domain, f.name, f.overload) in used)
+    return out
+
+
+def fold_constants(model: onnx.ModelProto, max_rounds: int = 8) -> onnx.ModelProto:
+    """Evaluate nodes whose inputs are all constant (and Shape of statically shaped tensors) into initializers.
+
+    Exporters compute pads, scales and reshape targets with small subgraphs that ONNX shape
+    inference cannot see through; folding them gives every tensor a static shape.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    for _ in range(max_rounds):
+        graph = model.graph
+        consts = {i.name for i in graph.initializer}
+        shapes: dict[str, tuple] = {}
+        if any(n.op_type == "Shape" for n in graph.node):
+            inferred = shape_inference.infer_shapes(model)
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+                dims = vi.type.tensor_type.shape.dim
+                if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+                    shapes[vi.name] = tuple(d.dim_value for d in dims)
+        keep, new_inits, changed = [], [], False
+        for node in graph.node:
+            foldable = node.domain in ("", "ai.onnx") and node.op_type not in ("RandomNormal", "RandomUniform",
+                                                                               "RandomNormalLike", "RandomUniformLike")
+            if foldable and node.op_type == "Shape" and node.input[0] in shapes and not node.attribute:
+                new_inits.append(numpy_helper.from_array(np.array(shapes[node.input[0]], np.int64), node.output[0]))
+                consts.add(node.output[0])
+                changed = True
+                continue
+            if foldable and node.input and all(i == "" or i in consts for i in node.input):
+                init = [i for i in list(graph.initializer) + new_inits if i.name in set(node.input)]
+                sub = helper.make_model(
+                    helper.make_graph([node], "fold", [], [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o], init),
+                    opset_imports=list(model.opset_import), ir_version=model.ir_version)
+                try:
+                    values = ReferenceEvaluator(sub).run(None, {})
+                except Exception:  # leave anything the reference cannot evaluate to the runtime
+                    keep.append(node)
+                    continue
+                for name, value in zip([o for o in node.output if o], values):
+                    new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+                    consts.add(name)
+                changed = True
+                continue
+            keep.append(node)
+        if not changed:
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(new_inits)
+    return model

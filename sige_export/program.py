@@ -1,0 +1,109 @@
+"""The portable SIGE program: one ONNX file holding the prime and edit passes, plus its manifest."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .graph import extract
+from .sparsify import MANIFEST_KEY
+
+
+@dataclass
+class SigeProgram:
+    """A SIGE ONNX program and its manifest (see :mod:`sige_export.sparsify` for the layout)."""
+
+    model: onnx.ModelProto
+    manifest: dict
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> "SigeProgram":
+        props = {p.key: p.value for p in model.metadata_props}
+        if MANIFEST_KEY not in props:
+            raise ValueError("this ONNX model is not a SIGE program (no 'sige_manifest' in its metadata); "
+                             "make one with `sige-export MODEL --target onnx`")
+        return cls(model, json.loads(props[MANIFEST_KEY]))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SigeProgram":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such SIGE program: {path}")
+        try:
+            model = onnx.load(str(path))
+        except Exception as e:  # protobuf raises a variety of DecodeErrors
+            raise ValueError(f"{path} is not a readable ONNX file ({e})") from e
+        return cls.from_model(model)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, then rename."""
+        return write_atomic(Path(path), self.model.SerializeToString())
+
+    def prime_model(self) -> onnx.ModelProto:
+        m = self.manifest["prime"]
+        return extract(self.model, m["inputs"], m["outputs"], "prime")
+
+    def edit_model(self) -> onnx.ModelProto:
+        m = self.manifest["edit"]
+        return extract(self.model, m["inputs"], m["outputs"], "edit")
+
+    def dense_model(self) -> onnx.ModelProto:
+        return extract(self.model, self.manifest["prime"]["inputs"], self.manifest["outputs"], "dense")
+
+    @property
+    def cache_names(self) -> list[str]:
+        return [c["name"] for c in self.manifest["caches"]]
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def grid_indices(mask: np.ndarray, grid: dict) -> np.ndarray:
+    """Active block top-lefts (int32 [N, 2]) of a block grid (manifest entry) for a boolean mask at its resolution."""
+    h, w = grid["resolution"]
+    if mask.shape != (h, w):
+        raise ValueError(f"mask of shape {mask.shape} does not match the grid resolution {(h, w)}")
+    bh, bw = grid["block"]
+    sh, sw = grid["block_stride"]
+    oh, ow = grid["out_block"]
+    ho, wo = grid["out_resolution"]
+    pt, pl = grid["offset"]
+    nh = -(-ho // oh)
+    nw = -(-wo // ow)
+    tops = -pt + sh * np.arange(nh)
+    lefts = -pl + sw * np.arange(nw)
+    # Integral image: any mask pixel inside the block's input window, clipped to the image.
+    ii = np.zeros((h + 1, w + 1), np.int64)
+    ii[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), 0), 1)
+    r0 = np.clip(tops, 0, h)
+    r1 = np.clip(tops + bh, 0, h)
+    c0 = np.clip(lefts, 0, w)
+    c1 = np.clip(lefts + bw, 0, w)
+    counts = ii[r1][:, c1] - ii[r0][:, c1] - ii[r1][:, c0] + ii[r0][:, c0]
+    ii_, jj = np.nonzero(counts > 0)
+    return np.stack([tops[ii_], lefts[jj]], axis=1).astype(np.int32).reshape(-1, 2)
+
+
+def all_grid_indices(grid: dict) -> np.ndarray:
+    """Every block of a grid (the edit equals dense when inputs differ everywhere)."""
+    h, w = grid["resolution"]
+    return grid_indices(np.ones((h, w), bool), grid)

@@ -1,0 +1,933 @@
+"""Sparsifier: dense ONNX -> SIGE program (prime and edit passes in one ONNX graph).
+
+The program is one ONNX graph that holds both passes. ``prime`` is the dense model; the tensors
+the edit pass reuses (scatter bases, folded normalisation scale/shift, conditioning tensors) are
+*caches*: ordinary tensors of the prime part that the edit part reads. Running the whole graph
+computes both passes at once; :func:`sige_export.program.SigeProgram.prime_model` and
+``edit_model`` cut it at the caches, so the edit model takes them as inputs (the program is
+stateless; the runtime holds the caches). The manifest (JSON in the model's metadata under
+``sige_manifest``) names inputs, caches, index inputs with their mask level and block config,
+and scatter maps.
+
+The edit pass is built by abstract interpretation of the dense graph in topological order. Every
+tensor that depends on an editable input gets a :class:`Rep`: a materialised full tensor, or
+blocks not yet scattered into their cached base, with a pending per-channel affine and
+activation. Convolutions become sparse (``SigeSparseConv2d`` or ``SigeScatterGather`` + Conv),
+affine/activation chains fold into the next gather, residual adds fold into the scatter, and
+anything else runs dense on full tensors (a dense island; unknown ops are warned about).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import SIGE_DOMAIN
+from .graph import GraphInfo, attrs_of, constants_to_initializers, fold_constants, topological_nodes
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KEY = "sige_manifest"
+PROGRAM_FORMAT_VERSION = 1
+EDIT_PREFIX = "edit/"
+MIN_OPSET = 18  # the ai.sige function bodies are written against opset 18
+
+# Ops that run correctly on full tensors in the edit pass without any warning (sparsity is
+# carried to the next convolution through the scattered full tensor).
+DENSE_OK = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Pow", "Reciprocal", "Erf",
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softmax", "Clip", "Max", "Min", "Where", "Cast",
+    "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+    "Identity", "Expand", "Gather", "Shape", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
+    "MatMul", "Gemm", "Einsum", "Conv", "ConvTranspose", "Resize", "Upsample", "AveragePool", "MaxPool",
+    "GlobalAveragePool", "Pad", "ReduceMean", "ReduceSum", "InstanceNormalization",
+    "GroupNormalization", "BatchNormalization", "LayerNormalization", "Dropout", "Tile",
+}
+
+ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+@dataclass(frozen=True)
+class SparsifyOptions:
+    """Options of the sparsifier (CLI: --block-size, --sparse-min-res, --norm-stats, ...)."""
+
+    block_size: int = 6  # for k x k convolutions with k > 1 (the paper's 6)
+    block_size_1x1: int = 4  # for 1x1 convolutions (the paper's 4)
+    sparse_min_res: int = 16  # convolutions whose input min(H, W) is smaller run dense
+    attention_min_res: int = 64  # attention regions below run dense (scatter first)
+    norm_stats: str = "original"  # "original" (paper: cached stats) or "update" (exact for the edit)
+    mask_eps: float = 1e-3  # difference threshold of the runtime's automatic mask
+    mask_dilation: int = 1  # dilation of the mask at every level (paper's default 1)
+    editable_inputs: tuple[str, ...] | None = None  # default: the first graph input
+
+    def __post_init__(self) -> None:
+        if self.norm_stats not in ("original", "update"):
+            raise ValueError(f"norm_stats must be 'original' or 'update', got {self.norm_stats!r}")
+        if self.block_size < 1 or self.block_size_1x1 < 1:
+            raise ValueError("block sizes must be positive")
+        if self.sparse_min_res < 1:
+            raise ValueError("sparse_min_res must be positive")
+
+
+class SparsifyError(ValueError):
+    """The model cannot be sparsified; the message says why."""
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+@dataclass
+class Op:
+    """A canonical op: one ONNX node, or a matched pattern of several (GroupNorm, Silu, Gelu)."""
+
+    kind: str
+    inputs: list[str]
+    output: str
+    nodes: list[onnx.NodeProto]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.nodes[-1].name or self.output
+
+
+def _single_consumer(info: GraphInfo, tensor: str, node: onnx.NodeProto) -> bool:
+    cons = info.consumers.get(tensor, [])
+    return len(cons) == 1 and cons[0] is node and not info.is_graph_output(tensor)
+
+
+def _only_consumer(info: GraphInfo, tensor: str) -> onnx.NodeProto | None:
+    cons = info.consumers.get(tensor, [])
+    if len(cons) == 1 and not info.is_graph_output(tensor):
+        return cons[0]
+    return None
+
+
+def _per_channel(arr: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """``arr`` as a [C] vector if it broadcasts per channel over NCHW, else None."""
+    if arr is None:
+        return None
+    a = np.asarray(arr)
+    if a.size == 1:
+        return np.full(channels, a.reshape(()).item(), dtype=np.float32)
+    shape = a.shape
+    if len(shape) >= 3 and shape[-1] == 1 and shape[-2] == 1 and shape[-3] == channels and a.size == channels:
+        return a.reshape(channels).astype(np.float32)
+    return None
+
+
+def canonical_ops(info: GraphInfo) -> list[Op]:
+    """Group node patterns the exporters emit into canonical ops, in topological order."""
+    nodes = topological_nodes(info.model.graph)
+    absorbed: set[int] = set()
+    ops: list[Op] = []
+    for node in nodes:
+        if id(node) in absorbed:
+            continue
+        op = (_match_group_norm(info, node) or _match_silu(info, node) or _match_gelu(info, node)
+              or _match_pad_conv(info, node))
+        if op is not None:
+            absorbed.update(id(n) for n in op.nodes)
+            ops.append(op)
+            continue
+        if len(node.output) != 1:
+            ops.append(Op(node.op_type, list(node.input), node.output[0], [node], attrs_of(node)))
+            continue
+        ops.append(Op(node.op_type, list(node.input), node.output[0], [node], attrs_of(node)))
+    return ops
+
+
+def _match_group_norm(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
+    """Reshape -> InstanceNormalization(ones, zeros) -> Reshape [-> Mul gamma] [-> Add beta]; or GroupNormalization."""
+    if node.op_type == "GroupNormalization":
+        a = attrs_of(node)
+        x = node.input[0]
+        shape = info.static_shape(x)
+        if shape is None or len(shape) != 4:
+            return None
+        c = shape[1]
+        g = int(a["num_groups"])
+        scale = info.consts.get(node.input[1])
+        bias = info.consts.get(node.input[2])
+        if scale is None or bias is None:
+            return None
+        if scale.size == g and g != c:  # opset 18 semantics: per-group scale
+            scale = np.repeat(scale, c // g)
+            bias = np.repeat(bias, c // g)
+        return Op("GroupNorm", [x], node.output[0], [node],
+                  {"groups": g, "eps": float(a.get("epsilon", 1e-5)), "gamma": scale.astype(np.float32),
+                   "beta": bias.astype(np.float32)})
+    if node.op_type != "Reshape":
+        return None
+    x = node.input[0]
+    xshape = info.static_shape(x)
+    if xshape is None or len(xshape) != 4:
+        return None
+    inorm = _only_consumer(info, node.output[0])
+    if inorm is None or inorm.op_type != "InstanceNormalization":
+        return None
+    s = info.consts.get(inorm.input[1])
+    b = info.consts.get(inorm.input[2])
+    if s is None or b is None or not np.all(s == 1) or not np.all(b == 0):
+        return None
+    rshape = info.static_shape(node.output[0])
+    if rshape is None or len(rshape) != 3:
+        return None
+    groups = rshape[1]
+    back = _only_consumer(info, inorm.output[0])
+    if back is None or back.op_type != "Reshape" or info.static_shape(back.output[0]) != xshape:
+        return None
+    chain = [node, inorm, back]
+    # The Shape node feeding the second Reshape (if any) is absorbed too when it has no other use.
+    shape_src = info.producer.get(back.input[1])
+    if shape_src is not None and shape_src.op_type == "Shape" and _single_consumer(info, shape_src.output[0], back):
+        chain.insert(2, shape_src)
+    out = back.output[0]
+    c = xshape[1]
+    gamma = np.ones(c, np.float32)
+    beta = np.zeros(c, np.float32)
+    nxt = _only_consumer(info, out)
+    if nxt is not None and nxt.op_type == "Mul":
+        other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+        pc = _per_channel(info.consts.get(other), c)
+        if pc is not None:
+            gamma = pc
+            chain.append(nxt)
+            out = nxt.output[0]
+            nxt = _only_consumer(info, out)
+    if nxt is not None and nxt.op_type == "Add":
+        other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+        pc = _per_channel(info.consts.get(other), c)
+        if pc is not None:
+            beta = pc
+            chain.append(nxt)
+            out = nxt.output[0]
+    return Op("GroupNorm", [x], out, chain,
+              {"groups": groups, "eps": float(attrs_of(inorm).get("epsilon", 1e-5)), "gamma": gamma, "beta": beta})
+
+
+def _match_pad_conv(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
+    """Zero Pad on H/W -> Conv becomes one Conv with (asymmetric) pads: no padded copy, no odd mask level."""
+    if node.op_type != "Pad" or attrs_of(node).get("mode", "constant") != "constant":
+        return None
+    pads = info.consts.get(node.input[1]) if len(node.input) > 1 else None
+    value = info.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    if pads is None or value is None or np.any(value != 0) or pads.size != 8 or (len(node.input) > 3 and node.input[3]):
+        return None
+    pads = [int(p) for p in pads]
+    if pads[0] or pads[1] or pads[4] or pads[5] or min(pads) < 0:
+        return None
+    conv = _only_consumer(info, node.output[0])
+    if conv is None or conv.op_type != "Conv" or conv.input[0] != node.output[0]:
+        return None
+    a = attrs_of(conv)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return None
+    cp = list(a.get("pads", [0, 0, 0, 0]))
+    a["pads"] = [cp[0] + pads[2], cp[1] + pads[3], cp[2] + pads[6], cp[3] + pads[7]]
+    return Op("Conv", [node.input[0]] + list(conv.input[1:]), conv.output[0], [node, conv], a)
+
+
+def _match_silu(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
+    """Sigmoid(x) -> Mul(x, sigmoid): the exporters' SiLU/swish."""
+    if node.op_type != "Sigmoid":
+        return None
+    x = node.input[0]
+    mul = _only_consumer(info, node.output[0])
+    if mul is None or mul.op_type != "Mul" or sorted(mul.input) != sorted([x, node.output[0]]):
+        return None
+    return Op("Silu", [x], mul.output[0], [node, mul])
+
+
+def _match_gelu(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
+    """Div(x, sqrt2) -> Erf -> Add 1 -> Mul x -> Mul 0.5 (the TorchScript exporter's exact GELU)."""
+    if node.op_type == "Gelu":
+        if attrs_of(node).get("approximate", "none") != "none":
+            return None
+        return Op("Gelu", [node.input[0]], node.output[0], [node])
+    if node.op_type != "Div":
+        return None
+    d = info.consts.get(node.input[1])
+    if d is None or d.size != 1 or abs(float(d.reshape(())) - np.sqrt(2.0)) > 1e-4:
+        return None
+    x = node.input[0]
+    erf = _only_consumer(info, node.output[0])
+    if erf is None or erf.op_type != "Erf":
+        return None
+    add = _only_consumer(info, erf.output[0])
+    if add is None or add.op_type != "Add":
+        return None
+    one = info.consts.get(add.input[1] if add.input[0] == erf.output[0] else add.input[0])
+    if one is None or one.size != 1 or float(one.reshape(())) != 1.0:
+        return None
+    mul = _only_consumer(info, add.output[0])
+    if mul is None or mul.op_type != "Mul" or x not in mul.input:
+        return None
+    half = _only_consumer(info, mul.output[0])
+    if half is None or half.op_type != "Mul":
+        return None
+    h = info.consts.get(half.input[1] if half.input[0] == mul.output[0] else half.input[0])
+    if h is None or h.size != 1 or float(h.reshape(())) != 0.5:
+        return None
+    return Op("Gelu", [x], half.output[0], [node, erf, add, mul, half])
+
+
+# ----------------------------------------------------------------------------- reps
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A sparse conv's block grid on its input resolution (the paper's block snapping)."""
+
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    block: tuple[int, int]  # input block
+    block_stride: tuple[int, int]
+    out_block: tuple[int, int]
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        return (self.pads[0], self.pads[1])
+
+    def key(self) -> str:
+        h, w = self.in_hw
+        return (f"{h}x{w}/k{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}x{self.stride[1]}"
+                f"p{'_'.join(map(str, self.pads))}b{self.block[0]}x{self.block[1]}")
+
+    def to_json(self) -> dict:
+        return {
+            "resolution": list(self.in_hw), "out_resolution": list(self.out_hw), "kernel": list(self.kernel),
+            "stride": list(self.stride), "pads": list(self.pads), "block": list(self.block),
+            "block_stride": list(self.block_stride), "out_block": list(self.out_block),
+            "offset": list(self.offset),
+        }
+
+
+def snap_grid(in_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+              pads: tuple[int, int, int, int], requested: int) -> BlockGrid:
+    """Block snapping: n = (b - k) // s, input block n*s + k, block stride (n+1)*s, output block n+1."""
+    blocks, bstrides, oblocks = [], [], []
+    for k, s in zip(kernel, stride):
+        b = max(requested, k)
+        n = (b - k) // s
+        blocks.append(n * s + k)
+        bstrides.append((n + 1) * s)
+        oblocks.append(n + 1)
+    out_hw = tuple((in_hw[i] + pads[i] + pads[i + 2] - kernel[i]) // stride[i] + 1 for i in range(2))
+    return BlockGrid(tuple(in_hw), out_hw, tuple(kernel), tuple(stride), tuple(pads), tuple(blocks),
+                     tuple(bstrides), tuple(oblocks))
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Blocks not yet written into their cached base: the value is Scatter(blocks, base, indices[, residual])."""
+
+    blocks: str
+    base: str
+    indices: str
+    grid: BlockGrid
+    residual: str | None = None
+
+
+@dataclass(frozen=True)
+class Rep:
+    """Edit-pass value of a dynamic tensor: act(value * scale + shift), value full or pending."""
+
+    full: str | None = None
+    pending: Pending | None = None
+    scale: str | None = None  # [B|1, C, 1, 1]
+    shift: str | None = None
+    act: str | None = None
+    alpha: float = 0.2
+
+    @property
+    def plain(self) -> bool:
+        return self.scale is None and self.shift is None and self.act is None
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+class _Builder:
+    """Collects the nodes and initializers the sparsifier adds; unique, readable names."""
+
+    def __init__(self, used: set[str]) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.used = set(used)
+
+    def fresh(self, hint: str) -> str:
+        base = hint if hint not in self.used else None
+        k = 1
+        while base is None:
+            cand = f"{hint}.{k}"
+            if cand not in self.used:
+                base = cand
+            k += 1
+        self.used.add(base)
+        return base
+
+    def const(self, hint: str, arr: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def sige(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        from sige_export import custom_ops
+
+        out = self.fresh(hint)
+        self.nodes.append(custom_ops.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class SparsifyResult:
+    model: onnx.ModelProto
+    manifest: dict
+    warnings: list[str]
+
+
+class _Sparsifier:
+    def __init__(self, dense: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str]) -> None:
+        self.opts = options
+        self.model = fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET)))
+        _check_static(self.model)
+        self.info = GraphInfo.build(self.model)
+        self.ops = canonical_ops(self.info)
+        used = {t for n in self.model.graph.node for t in list(n.input) + list(n.output)}
+        used |= {i.name for i in self.model.graph.input} | {i.name for i in self.model.graph.initializer}
+        self.prime = _Builder(used)  # extra prime nodes (normalisation statistics)
+        self.b = self.prime  # one namespace: edit nodes go to the same builder lists, tagged below
+        self.edit_nodes_start = 0
+        self.forbid_fusion = forbid_fusion
+        self.materialized_pending: set[str] = set()
+        self.scattered: dict[Pending, str] = {}
+        self.opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.reps: dict[str, Rep] = {}
+        self.caches: dict[str, None] = {}
+        self.indices: dict[str, BlockGrid] = {}
+        self.smaps: dict[str, dict] = {}
+        self.warnings: list[str] = []
+        self.dense_islands: list[str] = []
+        self.sparse_convs: list[str] = []
+        self.inputs = [i.name for i in self.model.graph.input]
+        init_names = {i.name for i in self.model.graph.initializer}
+        self.inputs = [i for i in self.inputs if i not in init_names]
+        editable = options.editable_inputs or (self.inputs[0],)
+        for e in editable:
+            if e not in self.inputs:
+                raise SparsifyError(f"editable input {e!r} is not an input of the model ({', '.join(self.inputs)})")
+        self.editable = list(editable)
+        self.dynamic = self._dynamic_tensors()
+        self.consumer_ops: dict[str, list[Op]] = {}
+        for op in self.ops:
+            for i in op.inputs:
+                self.consumer_ops.setdefault(i, []).append(op)
+
+    # -- analysis
+    def _dynamic_tensors(self) -> set[str]:
+        dyn = set(self.editable)
+        for node in topological_nodes(self.model.graph):
+            if any(i in dyn for i in node.input):
+                dyn.update(node.output)
+        return dyn
+
+    def _nchw(self, name: str) -> tuple[int, int, int, int] | None:
+        s = self.info.static_shape(name)
+        return s if s is not None and len(s) == 4 else None
+
+    # -- caches and static values
+    def cache(self, tensor: str) -> str:
+        """The original (prime) value of ``tensor``, read by the edit pass as a cache."""
+        if tensor in self.info.consts:
+            return tensor
+        self.caches[tensor] = None
+        return tensor
+
+    def static(self, tensor: str) -> str:
+        """A tensor that does not depend on the edit: an initializer or a cached prime tensor."""
+        return self.cache(tensor)
+
+    # -- materialisation
+    def full(self, tensor: str) -> str:
+        """A full edit-pass tensor holding the value of dense ``tensor``."""
+        if tensor not in self.dynamic:
+            return self.static(tensor)
+        rep = self.reps[tensor]
+        if rep.full is not None and rep.plain:
+            return rep.full
+        value = self._materialize_base(rep)
+        if rep.scale is not None:
+            value = self.b.node("Mul", [value, rep.scale], EDIT_PREFIX + "scaled")
+        if rep.shift is not None:
+            value = self.b.node("Add", [value, rep.shift], EDIT_PREFIX + "shifted")
+        if rep.act is not None:
+            value = self._activation(value, rep.act, rep.alpha)
+        self.reps[tensor] = Rep(full=value)
+        return value
+
+    def _materialize_base(self, rep: Rep) -> str:
+        if rep.full is not None:
+            return rep.full
+        p = rep.pending
+        assert p is not None
+        if p not in self.scattered:
+            self.materialized_pending.add(p.blocks)
+            ins = [p.blocks, p.base, p.indices] + ([p.residual] if p.residual else [])
+            self.scattered[p] = self.b.sige("SigeScatter", ins, EDIT_PREFIX + "scatter",
+                                            offset=list(p.grid.offset), stride=list(p.grid.stride))
+        return self.scattered[p]
+
+    def _activation(self, x: str, act: str, alpha: float) -> str:
+        if act == "relu":
+            return self.b.node("Relu", [x], EDIT_PREFIX + "relu")
+        if act == "leaky_relu":
+            return self.b.node("LeakyRelu", [x], EDIT_PREFIX + "lrelu", alpha=alpha)
+        if act == "sigmoid":
+            return self.b.node("Sigmoid", [x], EDIT_PREFIX + "sigmoid")
+        if act == "tanh":
+            return self.b.node("Tanh", [x], EDIT_PREFIX + "tanh")
+        if act == "silu":
+            s = self.b.node("Sigmoid", [x], EDIT_PREFIX + "sigmoid")
+            return self.b.node("Mul", [x, s], EDIT_PREFIX + "silu")
+        if act == "gelu":
+            d = self.b.node("Div", [x, self.b.const(EDIT_PREFIX + "sqrt2", np.array(np.sqrt(2.0), np.float32))],
+                            EDIT_PREFIX + "gelu_div")
+            e = self.b.node("Erf", [d], EDIT_PREFIX + "gelu_erf")
+            a = self.b.node("Add", [e, self.b.const(EDIT_PREFIX + "one", np.array(1.0, np.float32))],
+                            EDIT_PREFIX + "gelu_add")
+            m = self.b.node("Mul", [x, a], EDIT_PREFIX + "gelu_mul")
+            return self.b.node("Mul", [m, self.b.const(EDIT_PREFIX + "half", np.array(0.5, np.float32))],
+                               EDIT_PREFIX + "gelu")
+        raise AssertionError(act)
+
+    # -- per-channel affine
+    def _affine(self, tensor_in: str, out: str, scale: str | None, shift: str | None) -> None:
+        """out = in * scale + shift with per-channel [*, C, 1, 1] scale/shift, folded when possible."""
+        rep = self.reps[tensor_in]
+        if rep.act is not None:
+            rep = Rep(full=self.full(tensor_in))
+        new_scale, new_shift = rep.scale, rep.shift
+        if scale is not None:
+            new_scale = scale if new_scale is None else self.b.node("Mul", [new_scale, scale], EDIT_PREFIX + "scale")
+            if new_shift is not None:
+                new_shift = self.b.node("Mul", [new_shift, scale], EDIT_PREFIX + "shift")
+        if shift is not None:
+            new_shift = shift if new_shift is None else self.b.node("Add", [new_shift, shift], EDIT_PREFIX + "shift")
+        self.reps[out] = replace(rep, scale=new_scale, shift=new_shift)
+
+    def _set_activation(self, tensor_in: str, out: str, act: str, alpha: float = 0.2) -> None:
+        rep = self.reps[tensor_in]
+        if rep.act is not None:
+            rep = Rep(full=self.full(tensor_in))
+        self.reps[out] = replace(rep, act=act, alpha=alpha)
+
+    # -- rules
+    def run(self) -> None:
+        for op in self.ops:
+            if not any(o in self.dynamic for n in op.nodes for o in n.output):
+                continue
+            handler: Callable[[Op], bool] = getattr(self, f"_op_{op.kind}", None) or (lambda o: False)
+            if not handler(op):
+                self._dense(op)
+
+    def _rep_input(self, op: Op, k: int = 0) -> Rep:
+        name = op.inputs[k]
+        if name in self.editable and name not in self.reps:
+            self.reps[name] = Rep(full=EDIT_PREFIX + name)
+        return self.reps[name]
+
+    def _ensure_editable(self, name: str) -> None:
+        if name in self.editable and name not in self.reps:
+            self.reps[name] = Rep(full=EDIT_PREFIX + name)
+
+    def _dense(self, op: Op) -> None:
+        """Run the op's original nodes on full edit tensors (a dense island)."""
+        kinds = {n.op_type for n in op.nodes}
+        unknown = sorted(k for k in kinds if k not in DENSE_OK or any(n.domain not in ("", "ai.onnx") for n in op.nodes))
+        if unknown:
+            msg = f"node {op.name!r} ({', '.join(unknown)}) has no sparse rule: it runs dense in the edit pass"
+            self.warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        self.dense_islands.append(op.name)
+        rename: dict[str, str] = {}
+        for n in op.nodes:
+            for i in n.input:
+                if i and i not in rename and i not in {o for m in op.nodes for o in m.output}:
+                    self._ensure_editable(i)
+                    rename[i] = self.full(i) if i in self.dynamic else self.static(i)
+        for n in op.nodes:
+            outs = []
+            for o in n.output:
+                if not o:
+                    outs.append("")
+                    continue
+                rename[o] = self.b.fresh(EDIT_PREFIX + o)
+                outs.append(rename[o])
+            new = onnx.NodeProto()
+            new.CopyFrom(n)
+            new.name = (EDIT_PREFIX + n.name) if n.name else ""
+            del new.input[:]
+            new.input.extend(rename.get(i, i) if i else "" for i in n.input)
+            del new.output[:]
+            new.output.extend(outs)
+            self.b.nodes.append(new)
+            for o in n.output:
+                if o and o in self.dynamic:
+                    self.reps[o] = Rep(full=rename[o])
+
+    def _op_Conv(self, op: Op) -> bool:
+        x = op.inputs[0]
+        if x not in self.dynamic or any(i not in self.info.consts for i in op.inputs[1:] if i):
+            return False
+        self._ensure_editable(x)
+        xs = self._nchw(x)
+        w = self.info.consts[op.inputs[1]]
+        a = op.attrs
+        if xs is None or w.ndim != 4 or any(d != 1 for d in a.get("dilations", [1, 1])):
+            return False
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+            return False
+        if min(xs[2], xs[3]) < self.opts.sparse_min_res:
+            return False
+        kernel = (w.shape[2], w.shape[3])
+        stride = tuple(a.get("strides", [1, 1]))
+        pads = tuple(a.get("pads", [0, 0, 0, 0]))
+        requested = self.opts.block_size_1x1 if kernel == (1, 1) else self.opts.block_size
+        grid = snap_grid((xs[2], xs[3]), kernel, stride, pads, requested)
+        idx = self._indices(grid)
+        group = int(a.get("group", 1))
+        rep = self.reps[x]
+        bias = [op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else []
+        pre = {}
+        if rep.act is not None:
+            pre["activation"] = rep.act
+            if rep.act == "leaky_relu":
+                pre["alpha"] = float(rep.alpha)
+        fusable = (rep.pending is not None and rep.full is None and rep.pending.residual is None
+                   and rep.pending.blocks not in self.forbid_fusion)
+        if fusable:
+            p = rep.pending
+            smap = self._scatter_map(p)
+            gathered = self.b.sige("SigeScatterGather",
+                                   [p.blocks, p.base, smap, idx, rep.scale or "", rep.shift or ""],
+                                   EDIT_PREFIX + "scatter_gather", block=list(grid.block), **pre)
+            blocks = self.b.node("Conv", [gathered, op.inputs[1]] + bias, EDIT_PREFIX + "conv_blocks",
+                                 kernel_shape=list(kernel), strides=list(stride), group=group, pads=[0, 0, 0, 0])
+        else:
+            base = self._materialize_base(rep)
+            if rep.pending is not None:
+                self.reps[x] = replace(rep, full=base, pending=None)
+            blocks = self.b.sige("SigeSparseConv2d", [base, idx, op.inputs[1]] + (bias or [""])
+                                 + [rep.scale or "", rep.shift or ""],
+                                 EDIT_PREFIX + "sparse_conv", block=list(grid.block), strides=list(stride),
+                                 group=group, **pre)
+        self.sparse_convs.append(op.name)
+        self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid))
+        return True
+
+    def _indices(self, grid: BlockGrid) -> str:
+        name = "idx/" + grid.key()
+        self.indices[name] = grid
+        return name
+
+    def _scatter_map(self, p: Pending) -> str:
+        name = "smap/" + p.grid.key()
+        self.smaps[name] = {"indices": p.indices, **p.grid.to_json()}
+        return name
+
+    def _op_Add(self, op: Op) -> bool:
+        a, b = op.inputs
+        if a in self.dynamic and b in self.dynamic:
+            self._ensure_editable(a)
+            self._ensure_editable(b)
+            ra, rb = self.reps[a], self.reps[b]
+            pa = ra.pending is not None and ra.full is None and ra.plain and ra.pending.residual is None
+            pb = rb.pending is not None and rb.full is None and rb.plain and rb.pending.residual is None
+            if pa and pb and ra.pending.grid != rb.pending.grid and ra.pending.grid.out_hw == rb.pending.grid.out_hw:
+                main, sc = (ra.pending, rb.pending)
+                if main.grid.kernel < sc.grid.kernel:
+                    main, sc = sc, main
+                self.materialized_pending.update({main.blocks, sc.blocks})
+                out = self.b.sige("SigeScatterWithBlockResidual",
+                                  [main.blocks, self.cache(op.output), main.indices, sc.blocks, sc.base, sc.indices],
+                                  EDIT_PREFIX + "scatter_block_residual", offset=list(main.grid.offset),
+                                  stride=list(main.grid.stride), shortcut_offset=list(sc.grid.offset),
+                                  shortcut_stride=list(sc.grid.stride))
+                self.reps[op.output] = Rep(full=out)
+                return True
+            for main_rep, other in ((ra, b), (rb, a)):
+                if (main_rep.pending is not None and main_rep.full is None and main_rep.plain
+                        and main_rep.pending.residual is None and self._nchw(other) == self._nchw(op.output)):
+                    residual = self.full(other)
+                    self.reps[op.output] = Rep(pending=replace(main_rep.pending, base=self.cache(op.output),
+                                                               residual=residual))
+                    return True
+            return False
+        return self._static_affine(op, add=True)
+
+    def _op_Mul(self, op: Op) -> bool:
+        return self._static_affine(op, add=False)
+
+    def _static_affine(self, op: Op, add: bool) -> bool:
+        a, b = op.inputs
+        dyn, other = (a, b) if a in self.dynamic else (b, a)
+        if other in self.dynamic:
+            return False
+        xs = self._nchw(dyn)
+        if xs is None or self._nchw(op.output) != xs:
+            return False
+        os_ = self.info.shapes.get(other)
+        if os_ is None:
+            return False
+        c = xs[1]
+        if other in self.info.consts:
+            pc = _per_channel(self.info.consts[other], c)
+            if pc is None:
+                return False
+            val = self.b.const(EDIT_PREFIX + ("shift" if add else "scale"), pc.reshape(1, c, 1, 1))
+        else:
+            # A conditioning tensor (e.g. a time embedding [B, C, 1, 1]) computed in prime.
+            if not (len(os_) == 4 and os_[2] == 1 and os_[3] == 1 and os_[1] == c):
+                return False
+            val = self.static(other)
+        self._ensure_editable(dyn)
+        if add:
+            self._affine(dyn, op.output, None, val)
+        else:
+            self._affine(dyn, op.output, val, None)
+        return True
+
+    def _op_BatchNormalization(self, op: Op) -> bool:
+        x = op.inputs[0]
+        if x not in self.dynamic or any(i not in self.info.consts for i in op.inputs[1:5]):
+            return False
+        if op.attrs.get("training_mode", 0):
+            return False
+        xs = self._nchw(x)
+        if xs is None:
+            return False
+        gamma, beta, mean, var = (self.info.consts[i].astype(np.float64) for i in op.inputs[1:5])
+        s = gamma / np.sqrt(var + float(op.attrs.get("epsilon", 1e-5)))
+        t = beta - mean * s
+        c = xs[1]
+        self._ensure_editable(x)
+        self._affine(x, op.output, self.b.const(EDIT_PREFIX + "bn_scale", s.astype(np.float32).reshape(1, c, 1, 1)),
+                     self.b.const(EDIT_PREFIX + "bn_shift", t.astype(np.float32).reshape(1, c, 1, 1)))
+        return True
+
+    def _op_GroupNorm(self, op: Op) -> bool:
+        x = op.inputs[0]
+        xs = self._nchw(x)
+        if xs is None:
+            return False
+        self._ensure_editable(x)
+        if self.opts.norm_stats == "update":
+            return False  # exact statistics of the edited tensor: the original nodes, dense
+        scale, shift = self._prime_norm_affine(x, op.attrs["groups"], op.attrs["eps"], op.attrs["gamma"],
+                                               op.attrs["beta"], op.name)
+        self._affine(x, op.output, self.cache(scale), self.cache(shift))
+        return True
+
+    def _op_InstanceNormalization(self, op: Op) -> bool:
+        x = op.inputs[0]
+        xs = self._nchw(x)
+        if xs is None or op.inputs[1] not in self.info.consts or op.inputs[2] not in self.info.consts:
+            return False
+        self._ensure_editable(x)
+        if self.opts.norm_stats == "update":
+            return False
+        c = xs[1]
+        gamma = self.info.consts[op.inputs[1]].reshape(c).astype(np.float32)
+        beta = self.info.consts[op.inputs[2]].reshape(c).astype(np.float32)
+        scale, shift = self._prime_norm_affine(x, c, float(op.attrs.get("epsilon", 1e-5)), gamma, beta, op.name)
+        self._affine(x, op.output, self.cache(scale), self.cache(shift))
+        return True
+
+    def _prime_norm_affine(self, x: str, groups: int, eps: float, gamma: np.ndarray, beta: np.ndarray,
+                           hint: str) -> tuple[str, str]:
+        """Prime nodes: per-channel scale/shift [B, C, 1, 1] of a group norm of ``x`` from its statistics."""
+        b, c, h, w = self._nchw(x)
+        p = self.prime
+        tag = f"stats/{hint}"
+        xg = p.node("Reshape", [x, p.const(tag + "/gshape", np.array([b, groups, -1], np.int64))], tag + "/xg")
+        mean = self._reduce_mean(xg, tag + "/mean")
+        centered = p.node("Sub", [xg, mean], tag + "/centered")
+        sq = p.node("Mul", [centered, centered], tag + "/sq")
+        var = self._reduce_mean(sq, tag + "/var")
+        veps = p.node("Add", [var, p.const(tag + "/eps", np.array(eps, np.float32))], tag + "/var_eps")
+        rstd = p.node("Reciprocal", [p.node("Sqrt", [veps], tag + "/std")], tag + "/rstd")
+        cpg = c // groups
+        to_c = p.const(tag + "/cshape", np.array([b, c, 1, 1], np.int64))
+        expand = p.const(tag + "/eshape", np.array([b, groups, cpg], np.int64))
+        rstd_c = p.node("Reshape", [p.node("Expand", [rstd, expand], tag + "/rstd_e"), to_c], tag + "/rstd_c")
+        mean_c = p.node("Reshape", [p.node("Expand", [mean, expand], tag + "/mean_e"), to_c], tag + "/mean_c")
+        scale = p.node("Mul", [rstd_c, p.const(tag + "/gamma", gamma.reshape(1, c, 1, 1))], tag + "/scale")
+        shift = p.node("Sub", [p.const(tag + "/beta", beta.reshape(1, c, 1, 1)),
+                               p.node("Mul", [mean_c, scale], tag + "/mean_scale")], tag + "/shift")
+        return scale, shift
+
+    def _reduce_mean(self, x: str, hint: str) -> str:
+        """ReduceMean over axis 2 in the model's opset (axes moved from attribute to input in opset 18)."""
+        if self.opset >= 18:
+            return self.prime.node("ReduceMean", [x, self.prime.const(hint + "/axes", np.array([2], np.int64))], hint)
+        return self.prime.node("ReduceMean", [x], hint, axes=[2])
+
+    def _op_Silu(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "silu")
+        return True
+
+    def _op_Gelu(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "gelu")
+        return True
+
+    def _op_Relu(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "relu")
+        return True
+
+    def _op_LeakyRelu(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "leaky_relu", float(op.attrs.get("alpha", 0.01)))
+        return True
+
+    def _op_Sigmoid(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "sigmoid")
+        return True
+
+    def _op_Tanh(self, op: Op) -> bool:
+        self._ensure_editable(op.inputs[0])
+        self._set_activation(op.inputs[0], op.output, "tanh")
+        return True
+
+
+def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``model`` at default-domain opset >= ``version`` (the op bodies use opset 18)."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if current >= version:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        return m
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)
+
+
+def _check_static(model: onnx.ModelProto) -> None:
+    init = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        bad = [d.dim_param or "?" for d in dims if not d.HasField("dim_value") or d.dim_value <= 0]
+        if bad:
+            raise SparsifyError(
+                f"input {vi.name!r} has dynamic dimensions ({', '.join(bad)}); fix them with "
+                f"--input-shape {vi.name}=1x3x256x256 (your sizes)")
+
+
+def sparsify(dense: onnx.ModelProto, options: SparsifyOptions | None = None) -> SparsifyResult:
+    """Build the SIGE program (prime + edit in one graph) from a dense ONNX model with static shapes."""
+    options = options or SparsifyOptions()
+    # Pass 1 learns which pending scatters get materialised anyway; pass 2 skips fusing those
+    # into ScatterGather (the full tensor exists, so a plain sparse conv over it is cheaper).
+    first = _Sparsifier(dense, options, set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.run()
+    s = _Sparsifier(dense, options, first.materialized_pending)
+    s.run()
+    if not s.sparse_convs:
+        raise SparsifyError("the model has no convolution on the editable input's spatial path that can be "
+                            "made sparse: nothing to sparsify")
+    return _assemble(s)
+
+
+def _assemble(s: _Sparsifier) -> SparsifyResult:
+    from sige_export import custom_ops
+
+    model = s.model
+    g = model.graph
+    dense_outputs = [o.name for o in g.output]
+    edit_outputs = []
+    for o in dense_outputs:
+        s._ensure_editable(o)
+        full = s.full(o) if o in s.dynamic else s.static(o)
+        name = EDIT_PREFIX + o
+        if full != name:
+            s.b.nodes.append(helper.make_node("Identity", [full], [name], name=name))
+        edit_outputs.append(name)
+    g.node.extend(s.b.nodes)
+    g.initializer.extend(s.b.inits)
+    info = s.info
+    elem = {n: info.dtypes.get(n, TensorProto.FLOAT) for n in info.dtypes}
+
+    def vi(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, list(shape))
+
+    for e in s.editable:
+        g.input.append(vi(EDIT_PREFIX + e, info.shapes[e], elem.get(e, TensorProto.FLOAT)))
+    for k, name in enumerate(sorted(s.indices)):
+        g.input.append(vi(name, [f"N{k}", 2], TensorProto.INT32))
+    for name, sm in sorted(s.smaps.items()):
+        g.input.append(vi(name, sm["out_resolution"], TensorProto.INT32))
+    for o, eo in zip(dense_outputs, edit_outputs):
+        g.output.append(vi(eo, info.shapes.get(o, []), elem.get(o, TensorProto.FLOAT)))
+    model = custom_ops.attach_functions(model)
+    # Shapes of every tensor (caches become outputs/inputs of the extracted passes).
+    model = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    caches = []
+    for c in s.caches:
+        v = known.get(c)
+        if v is None:
+            raise SparsifyError(f"internal: no shape for cache {c!r}")
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        caches.append({"name": c, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+            v.type.tensor_type.elem_type).name})
+    prime_inputs = [i for i in s.inputs]
+    manifest = {
+        "format": "sige-program",
+        "version": PROGRAM_FORMAT_VERSION,
+        "inputs": [{"name": i, "shape": list(info.shapes[i]), "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+            elem.get(i, TensorProto.FLOAT)).name, "editable": i in s.editable} for i in prime_inputs],
+        "outputs": dense_outputs,
+        "prime": {"inputs": prime_inputs, "outputs": dense_outputs + [c["name"] for c in caches]},
+        "edit": {
+            "inputs": [EDIT_PREFIX + e for e in s.editable] + sorted(s.indices) + sorted(s.smaps)
+            + [c["name"] for c in caches],
+            "outputs": edit_outputs,
+            "edited": {e: EDIT_PREFIX + e for e in s.editable},
+        },
+        "caches": caches,
+        "mask": {"source": s.editable[0], "resolution": list(info.shapes[s.editable[0]][2:4]),
+                 "eps": s.opts.mask_eps, "dilation": s.opts.mask_dilation},
+        "indices": [{"name": n, **g_.to_json()} for n, g_ in sorted(s.indices.items())],
+        "scatter_maps": [{"name": n, **v} for n, v in sorted(s.smaps.items())],
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.opts.__dict__.items()},
+        "sparse_convs": s.sparse_convs,
+        "dense_islands": s.dense_islands,
+        "warnings": s.warnings,
+    }
+    helper.set_model_props(model, {MANIFEST_KEY: json.dumps(manifest)})
+    return SparsifyResult(model, manifest, s.warnings)

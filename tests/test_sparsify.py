@@ -1,0 +1,239 @@
+"""Sparsifier: the SIGE program's edit pass against its own prime pass and the dense model."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sige_export.program import SigeProgram, all_grid_indices
+from sige_export.runtime import Engine, OnnxRuntimeBackend
+from sige_export.sparsify import SparsifyError, SparsifyOptions, sparsify
+from tests.helpers import assert_close, assert_close_relative
+
+
+class ResBlockNet(nn.Module):
+    """GroupNorm/SiLU/time-embedding res blocks, a 1x1 shortcut, a strided conv, upsampling, BN, IN, GELU."""
+
+    def __init__(self, c: int = 16, co: int = 32) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, c, 3, 1, 1)
+        self.n1 = nn.GroupNorm(4, c)
+        self.c1 = nn.Conv2d(c, co, 3, 1, 1)
+        self.temb = nn.Linear(8, co)
+        self.n2 = nn.GroupNorm(8, co)
+        self.c2 = nn.Conv2d(co, co, 3, 1, 1)
+        self.sc = nn.Conv2d(c, co, 1)
+        self.down = nn.Conv2d(co, co, 3, 2, 0)
+        self.bn = nn.BatchNorm2d(co)
+        self.inorm = nn.InstanceNorm2d(co, affine=True)
+        self.dw = nn.Conv2d(co, co, 3, 1, 1, groups=co)
+        self.out = nn.Conv2d(co, 3, 3, 1, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        h = self.c1(F.silu(self.n1(x)))
+        h = h + self.temb(F.silu(t))[:, :, None, None]
+        h = self.c2(F.silu(self.n2(h)))
+        y = self.sc(x) + h
+        y = self.down(F.pad(y, (0, 1, 0, 1)))
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        y = F.leaky_relu(self.bn(y), 0.2) + self.dw(F.gelu(self.inorm(y)))
+        return self.out(F.silu(y))
+
+
+class BatchNormNet(nn.Module):
+    """Only input-independent normalisation: the edit with all blocks active equals dense in both modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 16, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, 2, 1)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.bn(self.c1(x)), 0.2)
+        h = self.c2(h)
+        return torch.tanh(self.c3(F.relu(h)) + h[:, :8])
+
+
+def _dense_onnx(model: nn.Module, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), tuple(inputs.values()), buf, dynamo=False, opset_version=17,
+                          input_names=list(inputs), output_names=["out"])
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _engine(dense: onnx.ModelProto, **opts) -> Engine:
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8, **opts))
+    onnx.checker.check_model(result.model, full_check=True)
+    program = SigeProgram.from_model(result.model)
+    return Engine(program, OnnxRuntimeBackend(program))
+
+
+def _edit_all_blocks(engine: Engine, edited: dict[str, np.ndarray]) -> np.ndarray:
+    feeds = {g["name"]: all_grid_indices(g) for g in engine.manifest["indices"]}
+    from sige_export import mask as masks
+
+    for s in engine.manifest["scatter_maps"]:
+        feeds[s["name"]] = masks.scatter_map(tuple(s["out_resolution"]), feeds[s["indices"]], tuple(s["offset"]),
+                                             tuple(s["stride"]), tuple(s["out_block"]))
+    entry = engine._entry(None)
+    full = {**entry.caches, **feeds}
+    for name, e in engine.manifest["edit"]["edited"].items():
+        full[e] = edited[name]
+    return engine.backend.edit(full)[engine.manifest["edit"]["outputs"][0]]
+
+
+def _random_mask(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(hw, bool)
+    h0, w0 = rng.integers(0, hw[0] - 4), rng.integers(0, hw[1] - 4)
+    m[h0:h0 + rng.integers(1, 8), w0:w0 + rng.integers(1, 8)] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def resblock() -> tuple[nn.Module, dict[str, torch.Tensor], onnx.ModelProto]:
+    torch.manual_seed(0)
+    model = ResBlockNet().eval()
+    inputs = {"x": torch.randn(1, 3, 32, 32), "t": torch.randn(1, 8)}
+    return model, inputs, _dense_onnx(model, inputs)
+
+
+@pytest.mark.parametrize("norm_stats", ["original", "update"])
+def test_edit_of_unedited_input_equals_prime(resblock, norm_stats: str) -> None:
+    model, inputs, dense = resblock
+    engine = _engine(dense, norm_stats=norm_stats)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    primed = engine.prime(**feeds)
+    with torch.no_grad():
+        assert_close_relative(primed, model(**inputs).numpy(), rel=1e-4, what="prime vs torch")
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        out = engine.edit(**feeds, mask=_random_mask(rng, (32, 32)))
+        assert engine.last_edit.mode == "sparse"
+        assert_close(out, primed, rtol=1e-5, atol=1e-5, what=f"edit(unedited) vs prime [{norm_stats}]")
+    # An empty mask returns the cached output without running.
+    out = engine.edit(**feeds, mask=np.zeros((32, 32), bool))
+    assert engine.last_edit.mode == "cached"
+    assert_close(out, primed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm_stats", ["original", "update"])
+def test_no_active_blocks_returns_prime(resblock, norm_stats: str) -> None:
+    _, inputs, dense = resblock
+    engine = _engine(dense, norm_stats=norm_stats)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    primed = engine.prime(**feeds)
+    edit_feeds = {g["name"]: np.zeros((0, 2), np.int32) for g in engine.manifest["indices"]}
+    for s in engine.manifest["scatter_maps"]:
+        edit_feeds[s["name"]] = np.full(s["out_resolution"], -1, np.int32)
+    entry = engine._entry(None)
+    edited = feeds["x"] + 1.0  # ignored: no block is active
+    out = engine.backend.edit({**entry.caches, **edit_feeds, "edit/x": edited})["edit/out"]
+    assert_close(out, primed, rtol=1e-6, atol=1e-6, what="N = 0")
+
+
+def test_all_blocks_update_equals_dense(resblock) -> None:
+    model, inputs, dense = resblock
+    engine = _engine(dense, norm_stats="update")
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    engine.prime(**feeds)
+    edited = feeds["x"] + np.random.default_rng(2).normal(size=feeds["x"].shape).astype(np.float32)
+    out = _edit_all_blocks(engine, {"x": edited})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited), inputs["t"]).numpy()
+    assert_close_relative(out, ref, rel=1e-4, what="all blocks (update) vs dense")
+
+
+@pytest.mark.parametrize("norm_stats", ["original", "update"])
+def test_batchnorm_model_all_blocks_equals_dense(norm_stats: str) -> None:
+    torch.manual_seed(3)
+    model = BatchNormNet().eval()
+    x = torch.randn(1, 4, 24, 24)
+    engine = _engine(_dense_onnx(model, {"x": x}), norm_stats=norm_stats)
+    engine.prime(x.numpy())
+    edited = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    out = _edit_all_blocks(engine, {"x": edited})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited)).numpy()
+    assert_close_relative(out, ref, rel=1e-4, what=f"BN model all blocks [{norm_stats}]")
+
+
+@pytest.mark.parametrize("norm_stats", ["original", "update"])
+def test_local_edit_tracks_dense(resblock, norm_stats: str) -> None:
+    model, inputs, dense = resblock
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    edited = feeds["x"].copy()
+    edited[..., 10:14, 12:18] += 1.0
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited), inputs["t"]).numpy()
+    errors = []
+    for dilation in (1, 3):
+        engine = _engine(dense, norm_stats=norm_stats, mask_dilation=dilation)
+        primed = engine.prime(**feeds)
+        out = engine.edit(edited, feeds["t"])
+        assert engine.last_edit.mode == "sparse" and 0 < engine.last_edit.ratio < 0.1
+        # Only blocks around the edit are recomputed: far from it the output is the cached one.
+        assert_close(out[..., :, 28:], primed[..., :, 28:], rtol=0, atol=1e-6, what="far from the edit")
+        errors.append(np.abs(out - ref).max())
+        # The edit captures most of the change (SIGE ignores the receptive-field growth beyond the mask).
+        assert errors[-1] < 0.5 * np.abs(primed - ref).max()
+    assert errors[1] < errors[0], f"a larger dilation should be closer to dense: {errors}"
+
+
+def test_fusions_are_used(resblock) -> None:
+    _, _, dense = resblock
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    ops = {n.op_type for n in result.model.graph.node if n.domain == "ai.sige"}
+    assert {"SigeSparseConv2d", "SigeScatterGather", "SigeScatterWithBlockResidual"} <= ops
+    assert len(result.manifest["sparse_convs"]) >= 6
+
+
+def test_dynamic_spatial_size_asks_for_input_shape() -> None:
+    model = BatchNormNet().eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 4, 16, 16),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+    with pytest.raises(SparsifyError, match="--input-shape"):
+        sparsify(onnx.load_from_string(buf.getvalue()))
+
+
+def test_model_without_convolutions_is_refused() -> None:
+    class NoConv(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) * 2
+
+    with pytest.raises(SparsifyError, match="convolution"):
+        sparsify(_dense_onnx(NoConv(), {"x": torch.randn(1, 3, 16, 16)}))
+
+
+def test_unknown_op_becomes_warned_dense_island() -> None:
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, 1, 1)
+
+        def forward(self, x):
+            return self.c(torch.cumsum(x, dim=3))
+
+    dense = _dense_onnx(Odd(), {"x": torch.randn(1, 3, 16, 16)})
+    with pytest.warns(UserWarning, match="CumSum"):
+        result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    assert any("CumSum" in w for w in result.warnings)
