@@ -1,0 +1,634 @@
+"""Shared pieces of the ``ai.sige`` op set.
+
+Attribute specs and validation, the canonical overload name, input validation (ranks, channels,
+index ranges), the numpy pre-op / gather helpers used by the references, and a small builder for
+the ONNX function bodies (standard ONNX ops only, opset 18) including the pre-op/activation body
+and the index arithmetic shared by every gathering op.  Op files only hold what is specific to
+one op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference.op_run import OpRun
+
+DOMAIN = "ai.sige"
+OPSET_VERSION = 1
+ONNX_OPSET = 18
+IR_VERSION = 10
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "sigmoid", "tanh", "gelu")
+ACTIVATION_ALIASES = {"swish": "silu"}
+
+Shape = tuple  # tuple[int | str, ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribute specs
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttrSpec:
+    """One attribute: kind is 'pair' (2 ints), 'int', 'float' or 'string'; default None = required."""
+
+    name: str
+    kind: str
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+
+def _positive_pair(v: Any) -> str | None:
+    return None if all(x >= 1 for x in v) else "must be positive"
+
+
+def _nonneg_pair(v: Any) -> str | None:
+    return None if all(x >= 0 for x in v) else "must be non-negative"
+
+
+def _stride_1_2(v: Any) -> str | None:
+    return None if all(x in (1, 2) for x in v) else "must be 1 or 2 (see docs/sige-ops.md)"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v >= 1 else "must be >= 1"
+
+
+def _zero_one(v: Any) -> str | None:
+    return None if v in (0, 1) else "must be 0 or 1"
+
+
+def _activation(v: Any) -> str | None:
+    return None if v in ACTIVATIONS else f"must be one of {', '.join(ACTIVATIONS)} (or alias swish)"
+
+
+BLOCK = AttrSpec("block", "pair", None, _positive_pair)
+PRE_ATTRS = (
+    AttrSpec("activation", "string", "identity", _activation),
+    AttrSpec("alpha", "float", 0.2),
+    AttrSpec("activation_first", "int", 0, _zero_one),
+)
+
+
+def scatter_attrs(prefix: str = "") -> tuple[AttrSpec, ...]:
+    """``offset``/``stride`` (optionally prefixed, e.g. ``shortcut_``)."""
+    return (
+        AttrSpec(prefix + "offset", "pair", (0, 0), _nonneg_pair),
+        AttrSpec(prefix + "stride", "pair", (1, 1), _positive_pair),
+    )
+
+
+def _normalise_value(op_type: str, spec: AttrSpec, value: Any) -> Any:
+    where = f"{op_type}: attribute {spec.name!r}"
+    if spec.kind == "pair":
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = (int(value), int(value))
+        try:
+            seq = [v for v in value]
+        except TypeError:
+            raise ValueError(f"{where} must be a pair of ints, got {value!r}") from None
+        if len(seq) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in seq):
+            raise ValueError(f"{where} must be a pair of ints, got {value!r}")
+        value = (int(seq[0]), int(seq[1]))
+    elif spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{where} must be an int, got {value!r}")
+        value = int(value)
+    elif spec.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{where} must be a float, got {value!r}")
+        value = float(np.float32(value))  # what an ONNX FLOAT attribute holds
+        if not math.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {value!r}")
+    elif spec.kind == "string":
+        if isinstance(value, bytes):
+            value = value.decode()
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        value = ACTIVATION_ALIASES.get(value, value)
+    if spec.check is not None:
+        err = spec.check(value)
+        if err:
+            raise ValueError(f"{where} {err}, got {value!r}")
+    return value
+
+
+def normalise_attrs(op_type: str, specs: Sequence[AttrSpec], attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``attrs`` against ``specs``, fill defaults; ValueError naming unknown/bad/missing ones."""
+    known = {s.name for s in specs}
+    unknown = sorted(set(attrs) - known)
+    if unknown:
+        raise ValueError(f"{op_type}: unknown attribute(s) {unknown}; expected {sorted(known)}")
+    out: dict[str, Any] = {}
+    for spec in specs:
+        value = attrs.get(spec.name)
+        if value is None:
+            if spec.default is None:
+                raise ValueError(f"{op_type}: missing required attribute {spec.name!r}")
+            value = spec.default
+        out[spec.name] = _normalise_value(op_type, spec, value)
+    return out
+
+
+def attrs_from_node(node: onnx.NodeProto) -> dict[str, Any]:
+    """Python values of a node's attributes (ints lists as tuples, strings decoded)."""
+    out: dict[str, Any] = {}
+    for att in node.attribute:
+        v = helper.get_attribute_value(att)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list):
+            v = tuple(v)
+        out[att.name] = v
+    return out
+
+
+def _fmt_float(v: float) -> str:
+    return format(v, ".9g")
+
+
+def overload_name(
+    specs: Sequence[AttrSpec], attrs: Mapping[str, Any], optional_present: Sequence[str]
+) -> str:
+    """Canonical overload string: body-relevant attribute values + present optional inputs.
+
+    ``alpha`` only counts for ``leaky_relu``; ``activation_first`` only when it changes the body
+    (an activation other than identity and a scale or shift present).
+    """
+    names = {s.name for s in specs}
+    parts: list[str] = []
+    has_affine = any(n in ("scale", "shift") for n in optional_present)
+    for spec in specs:
+        v = attrs[spec.name]
+        if spec.name == "alpha" and attrs.get("activation") != "leaky_relu":
+            continue
+        if spec.name == "activation_first" and (attrs.get("activation") == "identity" or not has_affine):
+            continue
+        if spec.kind == "pair":
+            s = f"{v[0]}x{v[1]}"
+        elif spec.kind == "float":
+            s = _fmt_float(v)
+        else:
+            s = str(v)
+        parts.append(f"{spec.name}={s}")
+    del names
+    parts.append("in=" + ("+".join(optional_present) if optional_present else "-"))
+    return ";".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op definitions (filled by each op module)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpDef:
+    """Everything the public API needs to know about one op."""
+
+    op_type: str
+    inputs: tuple[str, ...]
+    n_required: int
+    attrs: tuple[AttrSpec, ...]
+    validate: Callable[[list[np.ndarray | None], dict[str, Any]], None]
+    compute: Callable[..., np.ndarray]  # (arrays..., **attrs) -> output, arrays already validated
+    body: Callable[["Body", list[str | None], dict[str, Any]], str]  # returns output name
+    shape: Callable[[list[Shape | None], dict[str, Any]], list[Shape]]
+    doc: str = ""
+    outputs: tuple[str, ...] = field(default=("y",))
+
+    def optional_names(self) -> tuple[str, ...]:
+        return self.inputs[self.n_required:]
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    REGISTRY[op.op_type] = op
+    return op
+
+
+def make_op_run(op: OpDef) -> type[OpRun]:
+    """An ``onnx.reference`` OpRun class named after the op whose ``_run`` is the numpy reference."""
+
+    def _run(self: OpRun, *args: Any, **kwargs: Any) -> tuple[np.ndarray]:
+        arrays = [None if a is None else np.asarray(a) for a in args]
+        arrays += [None] * (len(op.inputs) - len(arrays))
+        attrs = normalise_attrs(op.op_type, op.attrs, kwargs)
+        op.validate(arrays, attrs)
+        return (op.compute(*arrays, **attrs),)
+
+    return type(op.op_type, (OpRun,), {"op_domain": DOMAIN, "_run": _run, "__doc__": op.doc,
+                                       "__module__": f"sige_export.custom_ops.{op.op_type}"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+def fail(op_type: str, msg: str) -> None:
+    raise ValueError(f"{op_type}: {msg}")
+
+
+def check_array(op_type: str, name: str, a: np.ndarray | None, rank: int | None = None,
+                dtype: Any = None) -> None:
+    if a is None:
+        fail(op_type, f"input {name!r} is required")
+    if rank is not None and a.ndim != rank:
+        fail(op_type, f"input {name!r} must have rank {rank}, got rank {a.ndim} (shape {a.shape})")
+    if dtype is not None and a.dtype != dtype:
+        fail(op_type, f"input {name!r} must be {np.dtype(dtype).name}, got {a.dtype.name}")
+
+
+def check_float(op_type: str, name: str, a: np.ndarray) -> None:
+    if not np.issubdtype(a.dtype, np.floating):
+        fail(op_type, f"input {name!r} must be a float tensor, got {a.dtype.name}")
+
+
+def check_indices(op_type: str, indices: np.ndarray | None, name: str = "indices") -> None:
+    """int32 ``[N, 2]``."""
+    check_array(op_type, name, indices)
+    assert indices is not None
+    if indices.dtype != np.int32:
+        fail(op_type, f"{name} must be int32, got {indices.dtype.name}")
+    if indices.ndim != 2 or indices.shape[1] != 2:
+        fail(op_type, f"{name} must have shape [N, 2], got {list(indices.shape)}")
+
+
+def check_gather_range(op_type: str, indices: np.ndarray, hw: tuple[int, int], block: tuple[int, int],
+                       name: str = "indices") -> None:
+    """Each block must overlap the image: ``-bh < h < H`` and ``-bw < w < W``."""
+    if indices.shape[0] == 0:
+        return
+    lo = -np.asarray(block)
+    hi = np.asarray(hw)
+    bad = np.any((indices <= lo) | (indices >= hi), axis=1)
+    if bad.any():
+        n = int(np.argmax(bad))
+        fail(op_type, f"{name}[{n}] = {indices[n].tolist()} is outside the image plus halo: a block "
+                      f"{list(block)} at it does not overlap the {hw[0]}x{hw[1]} image "
+                      f"(need {-block[0]} < h < {hw[0]} and {-block[1]} < w < {hw[1]})")
+
+
+def scatter_origins(indices: np.ndarray, offset: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """Top-left ``(r0, c0)`` in the output of each block: ``(h + offset) // stride``."""
+    return (indices.astype(np.int64) + np.asarray(offset)) // np.asarray(stride)
+
+
+def check_scatter_range(op_type: str, indices: np.ndarray, offset: Sequence[int], stride: Sequence[int],
+                        out_hw: tuple[int, int], block: tuple[int, int], name: str = "indices") -> None:
+    """Each scattered block must overlap the output ``[Ho, Wo]``."""
+    if indices.shape[0] == 0:
+        return
+    org = scatter_origins(indices, offset, stride)
+    bad = np.any((org <= -np.asarray(block)) | (org >= np.asarray(out_hw)), axis=1)
+    if bad.any():
+        n = int(np.argmax(bad))
+        fail(op_type, f"{name}[{n}] = {indices[n].tolist()} is outside the image plus halo: with offset "
+                      f"{list(offset)} and stride {list(stride)} its {block[0]}x{block[1]} block lands at "
+                      f"{org[n].tolist()}, which does not overlap the {out_hw[0]}x{out_hw[1]} output")
+
+
+def check_broadcast(op_type: str, name: str, a: np.ndarray | None, target: tuple[int, ...]) -> None:
+    """``a`` broadcasts (numpy rules) to exactly ``target``."""
+    if a is None:
+        return
+    check_float(op_type, name, a)
+    ok = a.ndim <= len(target) and all(
+        s in (1, t) for s, t in zip(a.shape[::-1], target[::-1])
+    )
+    if not ok:
+        fail(op_type, f"{name} of shape {list(a.shape)} is not broadcastable to the input shape {list(target)} "
+                      f"(channel or spatial mismatch)")
+
+
+def check_blocks_vs_base(op_type: str, blocks: np.ndarray, base: np.ndarray, n: int,
+                         names: tuple[str, str] = ("blocks", "base")) -> None:
+    check_array(op_type, names[0], blocks, 4)
+    check_array(op_type, names[1], base, 4)
+    check_float(op_type, names[0], blocks)
+    check_float(op_type, names[1], base)
+    if blocks.shape[1] != base.shape[1]:
+        fail(op_type, f"channel mismatch: {names[0]} have {blocks.shape[1]} channels, "
+                      f"{names[1]} has {base.shape[1]}")
+    if blocks.shape[0] != base.shape[0] * n:
+        fail(op_type, f"{names[0]} batch {blocks.shape[0]} != {names[1]} batch {base.shape[0]} * "
+                      f"number of indices {n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy reference helpers
+# ----------------------------------------------------------------------------------------------
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Vectorised erf (Numerical Recipes erfc Chebyshev fit, fractional error < 1.2e-7), float64."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc = t * np.exp(poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def np_activation(x: np.ndarray, activation: str, alpha: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    if activation == "identity":
+        y = x64
+    elif activation == "relu":
+        y = np.maximum(x64, 0.0)
+    elif activation == "leaky_relu":
+        y = np.where(x64 >= 0, x64, alpha * x64)
+    elif activation == "silu":
+        y = x64 / (1.0 + np.exp(-x64))
+    elif activation == "sigmoid":
+        y = 1.0 / (1.0 + np.exp(-x64))
+    elif activation == "tanh":
+        y = np.tanh(x64)
+    elif activation == "gelu":
+        y = 0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))
+    else:  # pragma: no cover - attributes are validated
+        raise ValueError(f"unknown activation {activation!r}")
+    return y.astype(x.dtype)
+
+
+def np_pre(x: np.ndarray, scale: np.ndarray | None, shift: np.ndarray | None, activation: str,
+           alpha: float, activation_first: int) -> np.ndarray:
+    """``act(x*scale+shift)`` or ``act(x)*scale+shift`` (full tensor, broadcasting)."""
+    def affine(v: np.ndarray) -> np.ndarray:
+        if scale is not None:
+            v = v * scale
+        if shift is not None:
+            v = v + shift
+        return v
+
+    if activation_first:
+        y = affine(np_activation(x, activation, alpha))
+    else:
+        y = np_activation(affine(x), activation, alpha)
+    return np.asarray(y, dtype=x.dtype)
+
+
+def np_gather_blocks(x: np.ndarray, indices: np.ndarray, block: Sequence[int]) -> np.ndarray:
+    """``y[b*N+n, c, i, j] = x[b, c, h_n+i, w_n+j]`` inside the image, else 0 (fancy indexing)."""
+    B, C, H, W = x.shape
+    bh, bw = block
+    N = indices.shape[0]
+    pad_h, pad_w = bh - 1, bw - 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
+    rows = indices[:, 0].astype(np.int64)[:, None, None] + np.arange(bh)[None, :, None] + pad_h
+    cols = indices[:, 1].astype(np.int64)[:, None, None] + np.arange(bw)[None, None, :] + pad_w
+    g = xp[:, :, rows, cols]  # [B, C, N, bh, bw]
+    return np.ascontiguousarray(g.transpose(0, 2, 1, 3, 4)).reshape(B * N, C, bh, bw)
+
+
+def np_scatter_blocks(y: np.ndarray, blocks: np.ndarray, indices: np.ndarray, offset: Sequence[int],
+                      stride: Sequence[int], residual: np.ndarray | None = None, add: bool = False) -> None:
+    """In place: write (or add) ``blocks`` (+ ``residual`` at the same positions) into ``y``, clipped."""
+    B, C, Ho, Wo = y.shape
+    N = indices.shape[0]
+    ph, pw = blocks.shape[2], blocks.shape[3]
+    if N == 0:
+        return
+    org = scatter_origins(indices, offset, stride)
+    rows = org[:, 0][:, None, None] + np.arange(ph)[None, :, None]
+    cols = org[:, 1][:, None, None] + np.arange(pw)[None, None, :]
+    rows, cols = np.broadcast_arrays(rows, cols)  # [N, ph, pw]
+    valid = (rows >= 0) & (rows < Ho) & (cols >= 0) & (cols < Wo)
+    r, c = rows[valid], cols[valid]  # [M]
+    vals = blocks.reshape(B, N, C, ph, pw).transpose(0, 2, 1, 3, 4)[:, :, valid]  # [B, C, M]
+    if residual is not None:
+        vals = vals + residual[:, :, r, c]
+    if add:
+        y[:, :, r, c] += vals  # no duplicates: blocks of one grid do not overlap
+    else:
+        y[:, :, r, c] = vals
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape inference helpers
+# ----------------------------------------------------------------------------------------------
+def dim_mul(a: int | str, b: int | str) -> int | str:
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b
+    if a == 1:
+        return b
+    if b == 1:
+        return a
+    return f"{a}*{b}"
+
+
+def need_rank(op_type: str, name: str, s: Shape | None, rank: int) -> Shape:
+    if s is None:
+        fail(op_type, f"input {name!r} shape is required for shape inference")
+    assert s is not None
+    if len(s) != rank:
+        fail(op_type, f"input {name!r} must have rank {rank}, got shape {list(s)}")
+    return tuple(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Function body builder
+# ----------------------------------------------------------------------------------------------
+class Body:
+    """Accumulates the nodes of a FunctionProto body with unique local names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def fresh(self, hint: str = "t") -> str:
+        self._n += 1
+        return f"_{hint}{self._n}"
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, out: str | None = None,
+           **attrs: Any) -> str:
+        name = out or self.fresh(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def ints(self, values: Sequence[int], shape: Sequence[int] | None = None) -> str:
+        vals = [int(v) for v in values]
+        t = helper.make_tensor("value", TensorProto.INT64, list(shape) if shape is not None else [len(vals)], vals)
+        return self.op("Constant", hint="c", value=t)
+
+    def scalar_i64(self, v: int) -> str:
+        return self.op("Constant", hint="c", value=helper.make_tensor("value", TensorProto.INT64, [], [int(v)]))
+
+    def scalar_f32(self, v: float) -> str:
+        return self.op("Constant", hint="c", value=helper.make_tensor("value", TensorProto.FLOAT, [], [float(v)]))
+
+    def shape(self, x: str, start: int, end: int) -> str:
+        return self.op("Shape", x, start=start, end=end)
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", x, self.ints(axes))
+
+    def reshape(self, x: str, shape: str) -> str:
+        return self.op("Reshape", x, shape, allowzero=1)
+
+    def concat(self, *xs: str) -> str:
+        return self.op("Concat", *xs, axis=0)
+
+    def function(self, op_type: str, overload: str, inputs: Sequence[str], output: str,
+                 doc: str = "") -> onnx.FunctionProto:
+        return helper.make_function(
+            DOMAIN, op_type, list(inputs), [output], self.nodes,
+            opset_imports=[helper.make_opsetid("", ONNX_OPSET)], attributes=[], doc_string=doc,
+            overload=overload,
+        )
+
+
+def body_activation(bd: Body, v: str, activation: str, alpha: float) -> str:
+    if activation == "identity":
+        return v
+    if activation == "relu":
+        return bd.op("Relu", v)
+    if activation == "leaky_relu":
+        return bd.op("LeakyRelu", v, alpha=float(alpha))
+    if activation == "silu":
+        return bd.op("Mul", v, bd.op("Sigmoid", v))
+    if activation == "sigmoid":
+        return bd.op("Sigmoid", v)
+    if activation == "tanh":
+        return bd.op("Tanh", v)
+    if activation == "gelu":
+        e = bd.op("Erf", bd.op("Mul", v, bd.scalar_f32(1.0 / math.sqrt(2.0))))
+        return bd.op("Mul", bd.op("Mul", v, bd.scalar_f32(0.5)), bd.op("Add", e, bd.scalar_f32(1.0)))
+    raise ValueError(f"unknown activation {activation!r}")  # pragma: no cover
+
+
+@dataclass
+class GatherPositions:
+    """Body tensors describing the gathered positions of ``N`` blocks of ``bh x bw``."""
+
+    rows_c: str  # int64 [N, bh, 1] clamped to [0, H-1]
+    cols_c: str  # int64 [N, 1, bw] clamped to [0, W-1]
+    flat: str  # int64 [N, bh, bw] = rows_c * W + cols_c
+    valid: str  # bool [N, bh, bw] inside the image
+    n: str  # int64 [1] N
+
+
+def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int]) -> GatherPositions:
+    """Index arithmetic for gathering ``block`` windows at ``indices`` from a ``[.., .., H, W]`` tensor."""
+    bh, bw = block
+    idx = bd.op("Cast", indices, to=TensorProto.INT64)
+    zero, one, two = bd.ints([0]), bd.ints([1]), bd.ints([2])
+    h = bd.unsqueeze(bd.op("Slice", idx, zero, one, one), [2])  # [N, 1, 1]
+    w = bd.unsqueeze(bd.op("Slice", idx, one, two, one), [2])
+    rows = bd.op("Add", h, bd.ints(range(bh), [1, bh, 1]))  # [N, bh, 1]
+    cols = bd.op("Add", w, bd.ints(range(bw), [1, 1, bw]))  # [N, 1, bw]
+    H = bd.shape(like, 2, 3)
+    W = bd.shape(like, 3, 4)
+    z = bd.scalar_i64(0)
+    rv = bd.op("And", bd.op("GreaterOrEqual", rows, z), bd.op("Less", rows, H))
+    cv = bd.op("And", bd.op("GreaterOrEqual", cols, z), bd.op("Less", cols, W))
+    valid = bd.op("And", rv, cv, hint="valid")
+    rows_c = bd.op("Max", bd.op("Min", rows, bd.op("Sub", H, one)), z)
+    cols_c = bd.op("Max", bd.op("Min", cols, bd.op("Sub", W, one)), z)
+    flat = bd.op("Add", bd.op("Mul", rows_c, W), cols_c, hint="flat")
+    n = bd.shape(indices, 0, 1)
+    return GatherPositions(rows_c, cols_c, flat, valid, n)
+
+
+def body_flatten_hw(bd: Body, x: str) -> str:
+    """``[B, C, H, W] -> [B, C, H*W]``."""
+    hw = bd.op("Mul", bd.shape(x, 2, 3), bd.shape(x, 3, 4))
+    return bd.reshape(x, bd.concat(bd.shape(x, 0, 2), hw))
+
+
+def body_gather_param(bd: Body, p: str, pos: GatherPositions) -> str:
+    """A scale/shift broadcastable to ``[B, C, H, W]`` sampled at the gathered positions.
+
+    Returns ``[Bp, Cp, N, bh, bw]`` (``Bp``, ``Cp`` in ``{1, B}``, ``{1, C}``), broadcastable to the
+    gathered ``[B, C, N, bh, bw]``, without expanding ``p`` to the full tensor.
+    """
+    shp4 = bd.op("Slice", bd.concat(bd.ints([1, 1, 1, 1]), bd.op("Shape", p)), bd.ints([-4]),
+                 bd.ints([2 ** 62]), bd.ints([0]))
+    p4 = bd.reshape(p, shp4)
+    one = bd.ints([1])
+    hp = bd.op("Slice", shp4, bd.ints([2]), bd.ints([3]), bd.ints([0]))
+    wp = bd.op("Slice", shp4, bd.ints([3]), bd.ints([4]), bd.ints([0]))
+    flatp = bd.reshape(p4, bd.concat(bd.op("Slice", shp4, bd.ints([0]), bd.ints([2]), bd.ints([0])),
+                                     bd.op("Mul", hp, wp)))
+    r = bd.op("Min", pos.rows_c, bd.op("Sub", hp, one))
+    c = bd.op("Min", pos.cols_c, bd.op("Sub", wp, one))
+    return bd.op("Gather", flatp, bd.op("Add", bd.op("Mul", r, wp), c), axis=2)
+
+
+def body_pre(bd: Body, g: str, scale: str | None, shift: str | None, attrs: Mapping[str, Any]) -> str:
+    """Pre-ops on gathered values (scale/shift already gathered)."""
+    act, alpha = attrs["activation"], attrs["alpha"]
+
+    def affine(v: str) -> str:
+        if scale is not None:
+            v = bd.op("Mul", v, scale)
+        if shift is not None:
+            v = bd.op("Add", v, shift)
+        return v
+
+    if attrs["activation_first"]:
+        return affine(body_activation(bd, g, act, alpha))
+    return body_activation(bd, affine(g), act, alpha)
+
+
+def body_finish_gather(bd: Body, v: str, pos: GatherPositions, batch_channel_of: str, block: Sequence[int],
+                       out: str) -> str:
+    """Zero outside the image, ``[B, C, N, bh, bw] -> [B*N, C, bh, bw]``."""
+    v = bd.op("Where", pos.valid, v, bd.scalar_f32(0.0))
+    v = bd.op("Transpose", v, perm=[0, 2, 1, 3, 4])
+    bn = bd.op("Mul", bd.shape(batch_channel_of, 0, 1), pos.n)
+    shape = bd.concat(bn, bd.shape(batch_channel_of, 1, 2), bd.ints(list(block)))
+    return bd.op("Reshape", v, shape, allowzero=1, out=out)
+
+
+def body_pre_gather(bd: Body, values: str, pos: GatherPositions, scale: str | None, shift: str | None,
+                    attrs: Mapping[str, Any], batch_channel_of: str, out: str) -> str:
+    """Gathered raw values ``[B, C, N, bh, bw]`` -> pre-ops -> zero outside -> ``[B*N, C, bh, bw]``."""
+    s = body_gather_param(bd, scale, pos) if scale is not None else None
+    t = body_gather_param(bd, shift, pos) if shift is not None else None
+    v = body_pre(bd, values, s, t, attrs)
+    return body_finish_gather(bd, v, pos, batch_channel_of, attrs["block"], out)
+
+
+def body_floordiv_origins(bd: Body, indices: str, offset: Sequence[int], stride: Sequence[int]) -> str:
+    """``(indices + offset) // stride`` (floor, also for negatives) as int64 ``[N, 2]``."""
+    k = 2 ** 32  # Div truncates; shift into the non-negative range first (indices are int32)
+    idx = bd.op("Cast", indices, to=TensorProto.INT64)
+    shifted = bd.op("Add", idx, bd.ints([o + k * s for o, s in zip(offset, stride)], [1, 2]))
+    return bd.op("Sub", bd.op("Div", shifted, bd.ints(list(stride), [1, 2])), bd.ints([k, k], [1, 2]))
+
+
+def body_scatter_positions(bd: Body, indices: str, blocks: str, base: str, offset: Sequence[int],
+                           stride: Sequence[int]) -> tuple[str, str]:
+    """Flat output positions of the in-image block elements and the blocks' values there.
+
+    Returns ``(pos [B, C, M] int64, values [B, C, M])`` for ScatterElements(axis=2) on the
+    ``[B, C, Ho*Wo]`` view of ``base``; elements outside the image are dropped (Compress), so no
+    padded copy of ``base`` is needed.
+    """
+    org = body_floordiv_origins(bd, indices, offset, stride)
+    zero, one, two = bd.ints([0]), bd.ints([1]), bd.ints([2])
+    r0 = bd.unsqueeze(bd.op("Slice", org, zero, one, one), [2])  # [N, 1, 1]
+    c0 = bd.unsqueeze(bd.op("Slice", org, one, two, one), [2])
+    ph, pw = bd.shape(blocks, 2, 3), bd.shape(blocks, 3, 4)
+    z, z1 = bd.scalar_i64(0), bd.scalar_i64(1)
+    ar_h = bd.unsqueeze(bd.op("Range", z, bd.op("Squeeze", ph, zero), z1), [0, 2])  # [1, ph, 1]
+    ar_w = bd.unsqueeze(bd.op("Range", z, bd.op("Squeeze", pw, zero), z1), [0, 1])  # [1, 1, pw]
+    rows = bd.op("Add", r0, ar_h)  # [N, ph, 1]
+    cols = bd.op("Add", c0, ar_w)  # [N, 1, pw]
+    Ho, Wo = bd.shape(base, 2, 3), bd.shape(base, 3, 4)
+    rv = bd.op("And", bd.op("GreaterOrEqual", rows, z), bd.op("Less", rows, Ho))
+    cv = bd.op("And", bd.op("GreaterOrEqual", cols, z), bd.op("Less", cols, Wo))
+    n = bd.shape(indices, 0, 1)
+    php = bd.op("Mul", ph, pw)
+    total = bd.op("Mul", n, php)
+    valid = bd.reshape(bd.op("And", rv, cv), total)  # [N*ph*pw]
+    flat = bd.reshape(bd.op("Add", bd.op("Mul", rows, Wo), cols), total)  # [N*ph*pw]
+    pos = bd.op("Compress", flat, valid, axis=0)  # [M]
+    B, C = bd.shape(base, 0, 1), bd.shape(base, 1, 2)
+    vals = bd.reshape(blocks, bd.concat(B, n, C, php))  # [B, N, C, ph*pw]
+    vals = bd.op("Transpose", vals, perm=[0, 2, 1, 3])
+    vals = bd.reshape(vals, bd.concat(B, C, total))
+    vals = bd.op("Compress", vals, valid, axis=2)  # [B, C, M]
+    pos_e = bd.op("Expand", pos, bd.concat(B, C, bd.shape(pos, 0, 1)))
+    return pos_e, vals

@@ -1,0 +1,50 @@
+"""SigeGather(x, indices[, scale, shift]) -> y: pre-ops on x, then gather ``block`` windows (zero outside)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (BLOCK, PRE_ATTRS, Body, OpDef, Shape, check_array, check_broadcast, check_float,
+                      check_gather_range, check_indices, body_flatten_hw, body_gather_positions,
+                      body_pre_gather, dim_mul, make_op_run, need_rank, np_gather_blocks, np_pre, register)
+
+OP_TYPE = "SigeGather"
+INPUTS = ("x", "indices", "scale", "shift")
+
+
+def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
+    x, indices, scale, shift = arrays
+    check_array(OP_TYPE, "x", x, 4)
+    assert x is not None and indices is not None
+    check_float(OP_TYPE, "x", x)
+    check_indices(OP_TYPE, indices)
+    check_gather_range(OP_TYPE, indices, x.shape[2:], attrs["block"])
+    check_broadcast(OP_TYPE, "scale", scale, x.shape)
+    check_broadcast(OP_TYPE, "shift", shift, x.shape)
+
+
+def compute(x: np.ndarray, indices: np.ndarray, scale: np.ndarray | None = None,
+            shift: np.ndarray | None = None, *, block: tuple[int, int], activation: str, alpha: float,
+            activation_first: int) -> np.ndarray:
+    pre = np_pre(x, scale, shift, activation, alpha, activation_first)
+    return np_gather_blocks(pre, indices, block)
+
+
+def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
+    x, indices, scale, shift = inputs
+    assert x is not None and indices is not None
+    pos = body_gather_positions(bd, indices, x, attrs["block"])
+    g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)  # [B, C, N, bh, bw]
+    return body_pre_gather(bd, g, pos, scale, shift, attrs, x, out="y")
+
+
+def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
+    b, c, _, _ = need_rank(OP_TYPE, "x", shapes[0], 4)
+    n, _ = need_rank(OP_TYPE, "indices", shapes[1], 2)
+    return [(dim_mul(b, n), c, *attrs["block"])]
+
+
+OP = register(OpDef(OP_TYPE, INPUTS, 2, (BLOCK, *PRE_ATTRS), validate, compute, body, shape,
+                    doc=__doc__ or ""))
+SigeGather = make_op_run(OP)

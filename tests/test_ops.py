@@ -1,0 +1,305 @@
+"""ai.sige ops: the ONNX function bodies (run in stock onnxruntime) against the numpy references,
+over randomised shapes, blocks, strides, kernels, offsets, border/negative indices, N = 0 and
+all-active grids, every activation, activation_first, scale/shift shapes and groups."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sige_export import custom_ops as co
+from sige_export.custom_ops.testing import model_from_nodes, run_onnxruntime, run_reference
+from sige_export.mask import scatter_map
+from tests.helpers import assert_close
+
+EXAMPLES = int(os.environ.get("SIGE_TEST_EXAMPLES", "30"))  # raise for a stress run
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ACTS = ["identity", "relu", "leaky_relu", "silu", "swish", "sigmoid", "tanh", "gelu"]
+PARAM_KINDS = [None, "C11", "1C11", "BC11", "BCHW", "1CHW", "11HW", "scalar"]
+
+
+def _rng(draw: Any) -> np.random.Generator:
+    return np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+
+
+def _param(rng: np.random.Generator, kind: str | None, b: int, c: int, h: int, w: int) -> np.ndarray | None:
+    shapes = {"C11": (c, 1, 1), "1C11": (1, c, 1, 1), "BC11": (b, c, 1, 1), "BCHW": (b, c, h, w),
+              "1CHW": (1, c, h, w), "11HW": (1, 1, h, w), "scalar": ()}
+    if kind is None:
+        return None
+    return rng.uniform(-1.5, 1.5, shapes[kind]).astype(np.float32)
+
+
+@st.composite
+def pre_attrs(draw: Any) -> dict[str, Any]:
+    return {"activation": draw(st.sampled_from(ACTS)), "alpha": draw(st.sampled_from([0.2, 0.01, 0.5])),
+            "activation_first": draw(st.integers(0, 1))}
+
+
+@st.composite
+def gather_indices(draw: Any, rng: np.random.Generator, h: int, w: int, bh: int, bw: int) -> np.ndarray:
+    """Random block corners overlapping the image (borders, negatives), or none."""
+    mode = draw(st.sampled_from(["random", "random", "empty", "corners"]))
+    if mode == "empty":
+        return np.zeros((0, 2), np.int32)
+    if mode == "corners":
+        hs, ws = np.meshgrid([-bh + 1, 0, h - 1], [-bw + 1, 0, w - 1], indexing="ij")
+        return np.stack([hs.ravel(), ws.ravel()], 1).astype(np.int32)
+    n = draw(st.integers(1, 6))
+    return np.stack([rng.integers(-bh + 1, h, n), rng.integers(-bw + 1, w, n)], 1).astype(np.int32)
+
+
+def _grid_indices(draw: Any, rng: np.random.Generator, ho: int, wo: int, ph: int, pw: int,
+                  offset: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """Non-overlapping blocks of one grid whose scatter origins (h+o)//s tile the output (shifted)."""
+    g0 = [draw(st.integers(-p + 1, 0)) for p in (ph, pw)]
+    r0 = np.arange(g0[0], ho, ph)
+    c0 = np.arange(g0[1], wo, pw)
+    rr, cc = np.meshgrid(r0, c0, indexing="ij")
+    org = np.stack([rr.ravel(), cc.ravel()], 1)
+    mode = draw(st.sampled_from(["some", "some", "all", "none"]))
+    if mode == "none":
+        org = org[:0]
+    elif mode == "some":
+        org = org[rng.random(len(org)) < 0.5]
+    sub = rng.integers(0, np.asarray(stride), size=org.shape)  # any h with (h+o)//s == origin
+    return (org * np.asarray(stride) - np.asarray(offset) + sub).astype(np.int32).reshape(-1, 2)
+
+
+def check_op(op_type: str, feeds: dict[str, np.ndarray | None], attrs: dict[str, Any],
+             use_evaluator: bool = True) -> np.ndarray:
+    """Body in onnxruntime == numpy reference (and the OpRun through ReferenceEvaluator); shapes."""
+    names = [k if v is not None else "" for k, v in feeds.items()]
+    node = co.make_node(op_type, names, ["y"], **attrs)
+    present = {k: v for k, v in feeds.items() if v is not None}
+    model = model_from_nodes([node], present, ["y"])
+    want = co.reference(op_type, *feeds.values(), **attrs)
+    got = run_onnxruntime(model, present)[0]
+    assert_close(got, want, what=f"{op_type} onnxruntime body vs reference ({node.overload})")
+    if use_evaluator:
+        assert_close(run_reference(model, present)[0], want, rtol=0, atol=0, what="ReferenceEvaluator")
+    shapes = [None if v is None else v.shape for v in feeds.values()]
+    assert tuple(co.infer_shape(op_type, shapes, attrs)[0]) == want.shape
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output[0]
+    dims = tuple(d.dim_value for d in inferred.type.tensor_type.shape.dim)
+    assert dims == want.shape, f"onnx shape inference through the body: {dims} != {want.shape}"
+    return want
+
+
+@st.composite
+def gather_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    b, c, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    bh, bw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    idx = draw(gather_indices(rng, h, w, bh, bw))
+    scale = _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, h, w)
+    shift = _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, h, w)
+    return {"x": x, "indices": idx, "scale": scale, "shift": shift}, {"block": (bh, bw), **draw(pre_attrs())}
+
+
+@SETTINGS
+@given(gather_case())
+def test_gather_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs = case
+    y = check_op("SigeGather", feeds, attrs)
+    assert y.shape == (feeds["x"].shape[0] * len(feeds["indices"]), feeds["x"].shape[1], *attrs["block"])
+
+
+@st.composite
+def sparse_conv_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    kh, kw = draw(st.sampled_from([(1, 1), (3, 3), (1, 3), (3, 1)]))
+    sh, sw = draw(st.sampled_from([(1, 1), (2, 2), (1, 2)]))
+    b, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    c = draw(st.sampled_from([1, 2, 3, 4]))
+    group = draw(st.sampled_from(sorted({1, c} | ({2} if c % 2 == 0 else set()))))
+    cout = group * draw(st.integers(1, 2))
+    bh, bw = kh + draw(st.integers(0, 4)), kw + draw(st.integers(0, 4))
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, c // group, kh, kw)).astype(np.float32)
+    bias = rng.standard_normal((cout,)).astype(np.float32) if draw(st.booleans()) else None
+    feeds = {"x": x, "indices": draw(gather_indices(rng, h, w, bh, bw)), "weight": wt, "bias": bias,
+             "scale": _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, h, w),
+             "shift": _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, h, w)}
+    return feeds, {"block": (bh, bw), "strides": (sh, sw), "group": group, **draw(pre_attrs())}
+
+
+@SETTINGS
+@given(sparse_conv_case())
+def test_sparse_conv_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs = case
+    check_op("SigeSparseConv2d", feeds, attrs)
+
+
+@st.composite
+def scatter_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    b, c, ho, wo = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    ph, pw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    offset = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    stride = draw(st.sampled_from([(1, 1), (2, 2)]))
+    idx = _grid_indices(draw, rng, ho, wo, ph, pw, offset, stride)
+    blocks = rng.standard_normal((b * len(idx), c, ph, pw)).astype(np.float32)
+    base = rng.standard_normal((b, c, ho, wo)).astype(np.float32)
+    residual = rng.standard_normal((b, c, ho, wo)).astype(np.float32) if draw(st.booleans()) else None
+    return ({"blocks": blocks, "base": base, "indices": idx, "residual": residual},
+            {"offset": offset, "stride": stride})
+
+
+@SETTINGS
+@given(scatter_case())
+def test_scatter_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs = case
+    y = check_op("SigeScatter", feeds, attrs)
+    if len(feeds["indices"]) == 0:
+        assert_close(y, feeds["base"], rtol=0, atol=0, what="N = 0 returns base")
+
+
+@st.composite
+def scatter_gather_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    b, c, ho, wo = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    ph, pw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    offset = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+    stride = draw(st.sampled_from([(1, 1), (2, 2)]))
+    sidx = _grid_indices(draw, rng, ho, wo, ph, pw, offset, stride)
+    blocks = rng.standard_normal((b * len(sidx), c, ph, pw)).astype(np.float32)
+    base = rng.standard_normal((b, c, ho, wo)).astype(np.float32)
+    bh, bw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    feeds = {"blocks": blocks, "base": base,
+             "scatter_map": scatter_map((ho, wo), sidx, offset, stride, (ph, pw)),
+             "indices": draw(gather_indices(rng, ho, wo, bh, bw)),
+             "scale": _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, ho, wo),
+             "shift": _param(rng, draw(st.sampled_from(PARAM_KINDS)), b, c, ho, wo)}
+    return feeds, {"block": (bh, bw), **draw(pre_attrs())}, {"indices": sidx, "offset": offset, "stride": stride}
+
+
+@SETTINGS
+@given(scatter_gather_case())
+def test_scatter_gather_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs, scatter = case
+    y = check_op("SigeScatterGather", feeds, attrs)
+    # and it is Scatter then Gather (numpy references)
+    full = co.reference("SigeScatter", feeds["blocks"], feeds["base"], scatter["indices"],
+                        offset=scatter["offset"], stride=scatter["stride"])
+    want = co.reference("SigeGather", full, feeds["indices"], feeds["scale"], feeds["shift"], **attrs)
+    assert_close(y, want, rtol=0, atol=0, what="ScatterGather == Gather(Scatter)")
+
+
+@st.composite
+def block_residual_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    b, c, ho, wo = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    feeds: dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
+    for prefix in ("", "shortcut_"):
+        ph, pw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        offset = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+        stride = draw(st.sampled_from([(1, 1), (2, 2)]))
+        idx = _grid_indices(draw, rng, ho, wo, ph, pw, offset, stride)
+        feeds[prefix + "blocks"] = rng.standard_normal((b * len(idx), c, ph, pw)).astype(np.float32)
+        feeds[prefix + "base"] = rng.standard_normal((b, c, ho, wo)).astype(np.float32)
+        feeds[prefix + "indices"] = idx
+        attrs[prefix + "offset"], attrs[prefix + "stride"] = offset, stride
+    order = ["blocks", "base", "indices", "shortcut_blocks", "shortcut_base", "shortcut_indices"]
+    return {k: feeds[k] for k in order}, attrs
+
+
+@SETTINGS
+@given(block_residual_case())
+def test_scatter_with_block_residual_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs = case
+    check_op("SigeScatterWithBlockResidual", feeds, attrs)
+
+
+# ------------------------------------------------------------------------------------------------
+# API: make_node, overloads, attach_functions, shape inference
+# ------------------------------------------------------------------------------------------------
+def test_op_types_and_reference_ops() -> None:
+    assert co.OP_TYPES == ("SigeGather", "SigeSparseConv2d", "SigeScatter", "SigeScatterGather",
+                           "SigeScatterWithBlockResidual")
+    assert co.DOMAIN == "ai.sige" and co.OPSET_VERSION == 1
+    assert [c.__name__ for c in co.reference_ops()] == list(co.OP_TYPES)
+    assert all(c.op_domain == "ai.sige" for c in co.reference_ops())
+
+
+def test_make_node_validates_attributes() -> None:
+    import pytest
+
+    node = co.make_node("SigeSparseConv2d", ["x", "i", "w", None, "s", ""], ["y"], block=6, activation="swish")
+    assert node.domain == "ai.sige" and list(node.input) == ["x", "i", "w", "", "s"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["block"] == [6, 6] and attrs["activation"] == b"silu" and attrs["strides"] == [1, 1]
+    assert node.overload == "block=6x6;strides=1x1;group=1;activation=silu;activation_first=0;in=scale"
+    with pytest.raises(ValueError, match="unknown attribute.*'kernel'"):
+        co.make_node("SigeGather", ["x", "i"], ["y"], block=4, kernel=3)
+    with pytest.raises(ValueError, match="'activation'"):
+        co.make_node("SigeGather", ["x", "i"], ["y"], block=4, activation="softplus")
+    with pytest.raises(ValueError, match="'strides'.*1 or 2"):
+        co.make_node("SigeSparseConv2d", ["x", "i", "w"], ["y"], block=4, strides=3)
+    with pytest.raises(ValueError, match="missing required attribute 'block'"):
+        co.make_node("SigeGather", ["x", "i"], ["y"])
+    with pytest.raises(ValueError, match="'block'.*positive"):
+        co.make_node("SigeGather", ["x", "i"], ["y"], block=(0, 3))
+    with pytest.raises(ValueError, match="missing required input.*'indices'"):
+        co.make_node("SigeGather", ["x", ""], ["y"], block=4)
+    with pytest.raises(ValueError, match="unknown ai.sige op type"):
+        co.make_node("SigeConv", ["x"], ["y"])
+    with pytest.raises(ValueError, match="activation_first"):
+        co.make_node("SigeGather", ["x", "i"], ["y"], block=4, activation_first=2)
+
+
+def test_overloads_are_canonical_and_attach_is_idempotent() -> None:
+    a = co.make_node("SigeGather", ["x", "i"], ["y1"], block=4, activation="relu", alpha=0.7)
+    b = co.make_node("SigeGather", ["x", "i"], ["y2"], block=4, activation="relu", activation_first=1)
+    c = co.make_node("SigeGather", ["x", "i", "s"], ["y3"], block=4, activation="relu", activation_first=1)
+    d = co.make_node("SigeGather", ["x", "i"], ["y4"], block=4, activation="leaky_relu", alpha=0.7)
+    assert a.overload == b.overload  # alpha / activation_first do not change this body
+    assert len({a.overload, c.overload, d.overload}) == 3
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    feeds = {"x": x, "i": np.array([[0, 1], [-2, 3]], np.int32), "s": np.ones((2, 1, 1), np.float32)}
+    model = model_from_nodes([a, b, c, d], feeds, ["y1", "y2", "y3", "y4"])
+    assert len(model.functions) == 3 and model.ir_version >= 10
+    assert any(o.domain == "ai.sige" and o.version == 1 for o in model.opset_import)
+    again = co.attach_functions(model)
+    assert again.SerializeToString() == model.SerializeToString()
+    got = run_onnxruntime(model, feeds)
+    for node, y in zip([a, b, c, d], got):
+        want = co.reference("SigeGather", *(feeds[n] for n in node.input),
+                            **{at.name: onnx.helper.get_attribute_value(at) for at in node.attribute})
+        assert_close(y, want, what=node.output[0])
+    assert co.function_for(c).overload == c.overload
+
+
+def test_infer_shape_symbolic() -> None:
+    assert co.infer_shape("SigeGather", [("B", 8, "H", "W"), ("N", 2)], {"block": 6}) == [("B*N", 8, 6, 6)]
+    assert co.infer_shape("SigeGather", [(1, 8, 64, 64), ("N", 2)], {"block": (6, 4)}) == [("N", 8, 6, 4)]
+    assert co.infer_shape("SigeSparseConv2d", [(2, 8, "H", "W"), (5, 2), (16, 4, 3, 3)],
+                          {"block": 7, "strides": 2, "group": 2}) == [(10, 16, 3, 3)]
+    assert co.infer_shape("SigeScatter", [("BN", 4, 2, 2), (1, 4, "Ho", "Wo"), ("N", 2)], {}) == [(1, 4, "Ho", "Wo")]
+    assert co.infer_shape("SigeScatterGather", [None, (2, 3, 9, 9), (9, 9), (7, 2)], {"block": 4}) == [(14, 3, 4, 4)]
+    assert co.infer_shape("SigeScatterWithBlockResidual",
+                          [None, (1, 3, 8, 8), None, None, (1, 3, 8, 8), None], {}) == [(1, 3, 8, 8)]
+
+
+def test_onnx_shape_inference_through_bodies() -> None:
+    """Static dims through the bodies, with and without onnx data propagation."""
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 4, 9, 9)).astype(np.float32), "i": np.zeros((3, 2), np.int32),
+             "w": rng.standard_normal((8, 2, 3, 3)).astype(np.float32)}
+    nodes = [co.make_node("SigeSparseConv2d", ["x", "i", "w"], ["c"], block=6, strides=1, group=2),
+             co.make_node("SigeGather", ["x", "i"], ["g"], block=5)]
+    model = model_from_nodes(nodes, feeds, ["c", "g"])
+    for prop in (True, False):
+        out = onnx.shape_inference.infer_shapes(model, data_prop=prop).graph.output
+        dims = [[d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+                for o in out]
+        if prop:
+            assert dims == [[6, 8, 4, 4], [6, 4, 5, 5]]
+        else:  # without data propagation onnx still knows the dims the body fixes
+            assert dims[0][1] == 8 and len(dims[1]) == 4
