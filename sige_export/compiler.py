@@ -1,0 +1,260 @@
+"""Compile a SIGE ONNX program for a target into a library (TVM Relax VM executable).
+
+    lib = compile_program(model, "host", {"x": (1, 64, 64, 64)})
+    y = lib.run(x, indices)                  # in-process Relax VM
+    lib.export_library("model.so")           # .so (host/x86/CUDA) | .tar of Mach-O objects (m1)
+    run_library("model.so", [x, indices])    # runtime only: tvm.runtime + Relax VM, no compiler
+
+Pipeline: ``from_sige_onnx`` -> LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+-> per-target schedule rules on every PrimFunc (``tvm_schedules.cpu`` / ``.cuda``) -> Relax VM
+lowering -> ``tvm.compile``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .targets import TargetSpec, get as get_target
+
+
+def relax_pipeline(spec: TargetSpec, schedule_log: list | None = None, schedule: bool = True):
+    """The Relax pass pipeline for ``spec`` (a ``tvm.transform.Pass``)."""
+    import tvm
+    from tvm import relax
+
+    from .tvm_schedules import rules_for
+    from .tvm_schedules.base import ApplyScheduleRules
+
+    target = spec.tvm_target()
+    rules = rules_for(spec.family) if schedule else []
+    is_cuda = spec.family == "cuda"
+
+    @tvm.transform.module_pass(opt_level=0, name="SigeRelaxPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = [
+                relax.backend.DispatchSampling(),
+                relax.backend.DispatchSortScan(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                ApplyScheduleRules(target, rules, schedule_log),
+            ]
+            if is_cuda:
+                from tvm.s_tir import dlight as dl
+
+                passes.append(dl.ApplyDefaultSchedule(dl.gpu.Fallback()))  # anything left: bind threads
+            passes += [
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+                relax.transform.LowerAllocTensor(),
+                relax.transform.KillAfterLastUse(),
+                relax.transform.LowerRuntimeBuiltin(),
+                relax.transform.ComputePrimValue(),
+                relax.transform.VMShapeLower(),
+                relax.transform.AttachGlobalSymbol(),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+@dataclass
+class CompiledLibrary:
+    """A built Relax VM executable for one target."""
+
+    executable: Any
+    target: TargetSpec
+    input_names: list[str]
+    output_names: list[str]
+    schedule_log: list = field(default_factory=list)
+    ir_module: Any = None
+    _vm: Any = None
+
+    # -- running (in-process) ---------------------------------------------------------------------
+    def _device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.target.family == "cuda" else tvm.cpu(0)
+
+    def vm(self):
+        """The Relax VM (created once; only for targets that run here: host/x86 matching, CUDA with a GPU)."""
+        if self._vm is None:
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(self.executable, self._device())
+        return self._vm
+
+    def run(self, *inputs: np.ndarray, **named: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        args = _order_inputs(self.input_names, inputs, named)
+        return _run_vm(self.vm(), self._device(), args)
+
+    def time(self, *inputs: np.ndarray, number: int = 20, repeat: int = 3) -> float:
+        """Median seconds per call of ``main`` (VM time_evaluator)."""
+        import tvm
+
+        dev = self._device()
+        vm = self.vm()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+        vm.set_input("main", *args)
+        te = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
+        return float(np.median(te("main").results))
+
+    # -- export -------------------------------------------------------------------------------------
+    def export_library(self, path: str | os.PathLike) -> Path:
+        """Write the artifact: ``.so`` for host/x86/CUDA, ``.tar`` of Mach-O objects for arm (m1)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.target.family == "arm":
+            if path.suffix != ".tar":
+                raise ValueError(f"target {self.target.name!r} exports an object archive: use a .tar path, got {path}")
+            # No Mach-O linker here: ship the objects; `clang -dynamiclib` on the Mac links them.
+            self.executable.export_library(str(path))
+        else:
+            if path.suffix != ".so":
+                raise ValueError(f"target {self.target.name!r} exports a shared library: use a .so path, got {path}")
+            self.executable.export_library(str(path))
+        return path
+
+    def device_binaries(self) -> list[bytes]:
+        """CUDA only: the compiled device code (cubin) of each imported device module."""
+        out = []
+        for m in _imported_modules(self.executable.mod):
+            if m.kind in ("cuda",):
+                for fmt in ("cubin", "ptx", ""):
+                    try:
+                        data = m.inspect_source(fmt)
+                    except Exception:
+                        continue
+                    if data:
+                        out.append(data.encode("latin-1") if isinstance(data, str) else bytes(data))
+                        break
+        return out
+
+
+def _imported_modules(mod):
+    seen = []
+    stack = [mod]
+    while stack:
+        m = stack.pop()
+        seen.append(m)
+        try:
+            stack.extend(list(m.imports))
+        except Exception:
+            try:
+                stack.extend(list(m.imported_modules))
+            except Exception:
+                pass
+    return seen[1:]
+
+
+def _order_inputs(names, inputs, named):
+    if named:
+        if inputs:
+            raise TypeError("pass inputs either positionally or by name, not both")
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise TypeError(f"missing inputs {missing}; expected {names}")
+        return [named[n] for n in names]
+    if len(inputs) != len(names):
+        raise TypeError(f"expected {len(names)} inputs {names}, got {len(inputs)}")
+    return list(inputs)
+
+
+def _run_vm(vm, dev, arrays):
+    import tvm
+
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+    out = vm["main"](*args)
+    return _to_numpy(out)
+
+
+def _to_numpy(out):
+    if hasattr(out, "numpy"):
+        return out.numpy()
+    return [_to_numpy(o) for o in out]
+
+
+def graph_io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    init = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in init], [o.name for o in model.graph.output]
+
+
+def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shapes: Mapping[str, Sequence] | None = None,
+                    *, schedule: bool = True) -> CompiledLibrary:
+    """Import, schedule and build ``model`` for ``target``.
+
+    ``input_shapes`` maps input names to shapes (ints, or strings for named symbolic dims);
+    ``indices`` inputs of ai.sige ops not listed get a symbolic block count, so the library serves
+    any mask without recompiling.
+    """
+    import tvm
+
+    from .tvm_schedules.importer import from_sige_onnx
+
+    spec = get_target(target) if isinstance(target, str) else target
+    if not spec.compiles:
+        raise ValueError(f"target {spec.name!r} is a portable ONNX program: nothing to compile")
+    spec.check_toolchain()
+    mod = from_sige_onnx(model, input_shapes)
+    log: list = []
+    tgt = spec.tvm_target()
+    ex = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(spec, log, schedule))
+    ins, outs = graph_io(model)
+    return CompiledLibrary(ex, spec, ins, outs, log, mod)
+
+
+# -- runtime-only loading ----------------------------------------------------------------------------
+def load_library(path: str | os.PathLike, device: str = "cpu"):
+    """Load an exported ``.so`` with the TVM runtime only and return a Relax VM."""
+    import tvm
+    from tvm.runtime import load_module
+    from tvm.runtime.vm import VirtualMachine
+
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    return VirtualMachine(load_module(str(path)), dev), dev
+
+
+def run_library(path: str | os.PathLike, inputs: Sequence[np.ndarray], device: str = "cpu"):
+    vm, dev = load_library(path, device)
+    return _run_vm(vm, dev, inputs)
+
+
+# -- artifact inspection -------------------------------------------------------------------------------
+MACHO_MAGIC_64 = 0xFEEDFACF
+CPU_TYPE_ARM64 = 0x0100000C
+
+
+def macho_arm64(data: bytes) -> bool:
+    """True for a 64-bit little-endian Mach-O object of cputype arm64."""
+    if len(data) < 8:
+        return False
+    magic, cputype = struct.unpack_from("<II", data, 0)
+    return magic == MACHO_MAGIC_64 and cputype == CPU_TYPE_ARM64
+
+
+def cubin_arch(data: bytes) -> str | None:
+    """``sm_XX`` of a CUDA cubin (ELF, e_machine EM_CUDA=190), from its e_flags; None if not a cubin."""
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        return None
+    is64 = data[4] == 2
+    e_machine = struct.unpack_from("<H", data, 18)[0]
+    if e_machine != 190:
+        return None
+    e_flags = struct.unpack_from("<I", data, 48 if is64 else 36)[0]
+    # ELF ABI v7 and earlier: arch in bits 0-7 (e.g. 0x56 = sm_86); newer (CUDA 12.8+): bits 8-15.
+    sm = e_flags & 0xFF
+    if data[8] >= 8 or sm == 0:  # EI_ABIVERSION
+        sm = (e_flags >> 8) & 0xFF
+    return f"sm_{sm}"

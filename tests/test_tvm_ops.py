@@ -1,0 +1,225 @@
+"""Each ai.sige op compiled by TVM for the host equals the numpy reference (custom_ops.reference)
+within 1e-5, for several block counts N (including 0) with one compiled module (symbolic N)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper
+
+from sige_export import custom_ops
+from sige_export.compiler import compile_program
+from sige_export.mask import scatter_map
+from sige_export.tvm_schedules.importer import UnsupportedNodeError, from_sige_onnx
+from tests.helpers import assert_close
+from tests.sige_tvm_cases import grid_indices, init, make_model, vi
+
+RNG = np.random.default_rng(1234)
+B, C, H, W = 2, 8, 11, 13
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def idx_type():
+    return vi("idx", ["N", 2], TensorProto.INT32)
+
+
+def gather_grid(count, block=(6, 6), stride=(4, 4), offset=(1, 1), hw=(H, W)):
+    return grid_indices(hw[0], hw[1], block, stride, offset, RNG, count)
+
+
+COUNTS = (5, 0, 2, 9)  # varying N on one compiled module, N = 0 included
+
+
+# -- SigeGather --------------------------------------------------------------------------------
+GATHER_ATTRS = dict(block=[6, 6], activation="silu", activation_first=0)
+
+
+@pytest.fixture(scope="module")
+def gather_lib():
+    node = custom_ops.make_node("SigeGather", ["x", "idx", "scale", "shift"], ["y"], **GATHER_ATTRS)
+    m = make_model([node], [vi("x", [B, C, H, W]), idx_type(), vi("scale", [C, 1, 1]), vi("shift", [1, C, 1, 1])],
+                   [vi("y", None)])
+    return compile_program(m, "host", {"x": (B, C, H, W)})
+
+
+def test_gather(gather_lib):
+    x, sc, sh = f32(B, C, H, W), f32(C, 1, 1), f32(1, C, 1, 1)
+    exe = gather_lib.executable
+    for n in COUNTS:
+        idx = gather_grid(n)
+        got = gather_lib.run(x, idx, sc, sh)
+        want = custom_ops.reference("SigeGather", x, idx, sc, sh, **GATHER_ATTRS)
+        assert_close(got, want, what=f"SigeGather N={n}")
+    assert gather_lib.executable is exe  # same module served every N
+
+
+# -- SigeSparseConv2d --------------------------------------------------------------------------
+CONV_CASES = {
+    "s1_bias_relu": dict(attrs=dict(block=[6, 6], strides=[1, 1], activation="relu"), cout=16, group=1,
+                         bias=True, pre=False, grid=((6, 6), (4, 4), (1, 1))),
+    "s2_gelu_pre": dict(attrs=dict(block=[5, 5], strides=[2, 2], activation="gelu", activation_first=1), cout=8,
+                        group=1, bias=False, pre=True, grid=((5, 5), (4, 4), (1, 1))),
+    "group2_leaky": dict(attrs=dict(block=[6, 6], strides=[1, 1], group=2, activation="leaky_relu", alpha=0.1),
+                         cout=12, group=2, bias=True, pre=True, grid=((6, 6), (4, 4), (1, 1))),
+}
+
+
+@pytest.fixture(scope="module")
+def conv_libs():
+    libs = {}
+    for name, case in CONV_CASES.items():
+        w = (f32(case["cout"], C // case["group"], 3, 3) * 0.3).astype(np.float32)
+        b = f32(case["cout"]) if case["bias"] else None
+        ins = ["x", "idx", "w", "b" if b is not None else ""]
+        inputs = [vi("x", [B, C, H, W]), idx_type()]
+        if case["pre"]:
+            ins += ["scale", "shift"]
+            inputs += [vi("scale", [1, C, 1, 1]), vi("shift", [B, C, H, W])]
+        node = custom_ops.make_node("SigeSparseConv2d", ins, ["y"], **case["attrs"])
+        inits = [init("w", w)] + ([init("b", b)] if b is not None else [])
+        m = make_model([node], inputs, [vi("y", None)], inits)
+        libs[name] = (compile_program(m, "host", {"x": (B, C, H, W)}), w, b)
+    return libs
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_sparse_conv(conv_libs, case):
+    lib, w, b = conv_libs[case]
+    spec = CONV_CASES[case]
+    x = f32(B, C, H, W)
+    extra = [f32(1, C, 1, 1), f32(B, C, H, W)] if spec["pre"] else []
+    for n in COUNTS:
+        idx = gather_grid(n, *spec["grid"])
+        got = lib.run(x, idx, *extra)
+        want = custom_ops.reference("SigeSparseConv2d", x, idx, w, b, *(extra or [None, None]), **spec["attrs"])
+        assert_close(got, want, what=f"SigeSparseConv2d[{case}] N={n}")
+    assert any(r == "cpu.conv2d_nchw" and s == "ok" for _, r, s in lib.schedule_log), lib.schedule_log
+
+
+# -- SigeScatter --------------------------------------------------------------------------------
+SC_ATTRS = dict(offset=[1, 1], stride=[1, 1])
+Ho, Wo = H, W
+
+
+@pytest.fixture(scope="module")
+def scatter_libs():
+    libs = {}
+    for res in (False, True):
+        ins = ["blocks", "base", "idx"] + (["res"] if res else [])
+        inputs = [vi("blocks", ["BN", C, 4, 4]), vi("base", [B, C, Ho, Wo]), idx_type()]
+        inputs += [vi("res", [B, C, Ho, Wo])] if res else []
+        node = custom_ops.make_node("SigeScatter", ins, ["y"], **SC_ATTRS)
+        m = make_model([node], inputs, [vi("y", None)])
+        libs[res] = compile_program(m, "host", {"blocks": ("BN", C, 4, 4)})
+    return libs
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_scatter(scatter_libs, residual):
+    lib = scatter_libs[residual]
+    base = f32(B, C, Ho, Wo)
+    res = [f32(B, C, Ho, Wo)] if residual else []
+    for n in COUNTS:
+        idx = gather_grid(n)
+        blocks = f32(B * idx.shape[0], C, 4, 4)
+        base_copy = base.copy()
+        got = lib.run(blocks, base, idx, *res)
+        want = custom_ops.reference("SigeScatter", blocks, base, idx, *(res or [None]), **SC_ATTRS)
+        assert_close(got, want, what=f"SigeScatter(residual={residual}) N={n}")
+        np.testing.assert_array_equal(base, base_copy)  # base is never modified
+
+
+# -- SigeScatterGather ----------------------------------------------------------------------------
+SG_ATTRS = dict(block=[6, 6], activation="tanh")
+
+
+@pytest.fixture(scope="module")
+def scatter_gather_lib():
+    node = custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale"], ["y"], **SG_ATTRS)
+    inputs = [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),
+              idx_type(), vi("scale", [C, 1, 1])]
+    m = make_model([node], inputs, [vi("y", None)])
+    return compile_program(m, "host", {"blocks": ("BN1", C, 4, 4)})
+
+
+def test_scatter_gather(scatter_gather_lib):
+    base, sc = f32(B, C, Ho, Wo), f32(C, 1, 1)
+    for n1, n2 in [(4, 3), (0, 2), (3, 0), (7, 6)]:
+        sidx = gather_grid(n1)
+        blocks = f32(B * sidx.shape[0], C, 4, 4)
+        smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
+        gidx = gather_grid(n2)
+        got = scatter_gather_lib.run(blocks, base, smap, gidx, sc)
+        want = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, None, **SG_ATTRS)
+        assert_close(got, want, what=f"SigeScatterGather N1={n1} N2={n2}")
+
+
+# -- SigeScatterWithBlockResidual -------------------------------------------------------------------
+SBR_ATTRS = dict(offset=[1, 1], stride=[1, 1], shortcut_offset=[0, 0], shortcut_stride=[1, 1])
+
+
+@pytest.fixture(scope="module")
+def sbr_lib():
+    node = custom_ops.make_node("SigeScatterWithBlockResidual",
+                                ["blocks", "base", "idx", "sblocks", "sbase", "sidx"], ["y"], **SBR_ATTRS)
+    inputs = [vi("blocks", ["BN", C, 4, 4]), vi("base", [B, C, Ho, Wo]), idx_type(),
+              vi("sblocks", ["BM", C, 4, 4]), vi("sbase", [B, C, Ho, Wo]), vi("sidx", ["M", 2], TensorProto.INT32)]
+    m = make_model([node], inputs, [vi("y", None)])
+    return compile_program(m, "host", {"blocks": ("BN", C, 4, 4), "sblocks": ("BM", C, 4, 4), "sidx": ("M", 2)})
+
+
+def test_scatter_with_block_residual(sbr_lib):
+    base, sbase = f32(B, C, Ho, Wo), f32(B, C, Ho, Wo)
+    for n, m in [(4, 5), (0, 3), (3, 0), (0, 0), (8, 2)]:
+        idx = gather_grid(n)
+        sidx = grid_indices(Ho, Wo, (4, 4), (4, 4), (0, 0), RNG, m)
+        blocks, sblocks = f32(B * idx.shape[0], C, 4, 4), f32(B * sidx.shape[0], C, 4, 4)
+        got = sbr_lib.run(blocks, base, idx, sblocks, sbase, sidx)
+        want = custom_ops.reference("SigeScatterWithBlockResidual", blocks, base, idx, sblocks, sbase, sidx,
+                                    **SBR_ATTRS)
+        assert_close(got, want, what=f"SigeScatterWithBlockResidual N={n} M={m}")
+
+
+# -- import: domain dispatch ------------------------------------------------------------------------
+def test_symbolic_block_count():
+    node = custom_ops.make_node("SigeGather", ["x", "idx"], ["y"], block=[6, 6])
+    m = make_model([node], [vi("x", [1, C, H, W]), idx_type()], [vi("y", None)])
+    mod = from_sige_onnx(m, {"x": (1, C, H, W)})
+    sig = mod["main"].script()
+    assert "N" in str(mod["main"].params[1].ty) and "sige_gather" in sig
+
+
+def test_sige_gather_named_like_onnx_gather_is_rejected():
+    """A node `Gather` in domain ai.sige must never be converted as ONNX Gather."""
+    node = helper.make_node("Gather", ["x", "idx"], ["y"], domain="ai.sige", name="evil_gather")
+    m = make_model([node], [vi("x", [1, C, H, W]), vi("idx", [3, 2], TensorProto.INT64)], [vi("y", None)])
+    with pytest.raises(UnsupportedNodeError, match="evil_gather"):
+        from_sige_onnx(m, {"x": (1, C, H, W), "idx": (3, 2)})
+
+
+def test_unknown_domain_rejected():
+    node = helper.make_node("Relu", ["x"], ["y"], domain="com.example", name="strange_relu")
+    g = helper.make_graph([node], "g", [vi("x", [1, 2])], [vi("y", None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedNodeError, match="strange_relu.*com.example"):
+        from_sige_onnx(m, {"x": (1, 2)})
+
+
+def test_mixed_graph_standard_ops_delegate():
+    """Standard ONNX nodes go through TVM's converters, interleaved with ai.sige nodes."""
+    w = (f32(8, C, 3, 3) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["xr"]),
+             custom_ops.make_node("SigeSparseConv2d", ["xr", "idx", "w"], ["c"], block=[6, 6], strides=[1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, C, H, W]), idx_type()], [vi("y", None)], [init("w", w)])
+    lib = compile_program(m, "host", {"x": (1, C, H, W)})
+    x = f32(1, C, H, W)
+    for n in (3, 0):
+        idx = gather_grid(n)
+        c = custom_ops.reference("SigeSparseConv2d", np.maximum(x, 0), idx, w, block=[6, 6], strides=[1, 1])
+        assert_close(lib.run(x, idx), 1 / (1 + np.exp(-c)), what=f"mixed N={n}")

@@ -1,0 +1,356 @@
+"""CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
+
+Rules, in the order they are tried (first match wins, like ``s_tir.dlight``):
+
+* ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
+  ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
+  by the vector width, ``RH x RW`` outputs register-blocked (accumulators in registers), weights
+  repacked to ``[Cout/V, Cin, kh, kw, V]``, the padded/gathered input tile computed per tile into
+  a stack buffer (the gather is never materialised), tiles run in parallel.
+* ``Matmul``      -- ``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]``-like 1-reduction blocks with a
+  static vectorisable ``j``: register-blocked ``4 x V``.
+* ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels.
+* ``Generic``     -- anything else: inline injective producers, parallel over the fused outer spatial
+  loops, vectorise a static innermost spatial loop.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import tvm
+from tvm import s_tir, tirx
+
+from ..base import ScheduleRule
+
+DATA_PAR = 0
+COMM_REDUCE = 2
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def vector_lanes(target, dtype_bits: int = 32) -> int:
+    """float32 lanes of one SIMD register of ``target`` (16 AVX-512, 8 AVX2, 4 NEON)."""
+    bits = 0
+    try:
+        from tvm.target import codegen
+
+        bits = int(codegen.llvm_get_vector_width(target))
+    except Exception:
+        bits = 0
+    if bits <= 0:
+        mtriple = str(target.attrs.get("mtriple", "")) if target.attrs else ""
+        bits = 128 if mtriple.startswith(("arm", "aarch64")) else 256
+    return max(1, bits // dtype_bits)
+
+
+def _static(e) -> Optional[int]:
+    return int(e.value) if isinstance(e, tirx.IntImm) else None
+
+
+def _root_blocks(sch):
+    root = sch.get_sblock("root") if _has_block(sch, "root") else None
+    if root is None:
+        return []
+    return list(sch.get_child_blocks(root))
+
+
+def _has_block(sch, name):
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
+
+
+def _iter_types(sch, block):
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_spatial(sch, block) -> bool:
+    return all(t == DATA_PAR for t in _iter_types(sch, block))
+
+
+def _loop_extent(sch, loop):
+    return _static(sch.get(loop).extent)
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    for d in range(min(cap, n), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _buf(region):
+    """The buffer of a read/write region (``.buffer`` before TVM 0.27, ``.source`` since)."""
+    b = getattr(region, "buffer", None)
+    return b if b is not None else region.source
+
+
+def _output_buffers(func):
+    names = set()
+    bmap = getattr(func, "buffer_map", None)
+    for p in func.params:
+        b = bmap[p] if bmap is not None and p in bmap else p
+        names.add(str(getattr(b, "name", getattr(b, "name_hint", b))))
+    return names
+
+
+def _func_op(func) -> str:
+    return str(func.attrs["sige.op"]) if func.attrs is not None and "sige.op" in func.attrs else ""
+
+
+def _parallel_vectorize(sch, block, lanes: int, n_spatial: Optional[int] = None, vectorize: bool = True):
+    """Fuse the leading spatial loops of ``block`` and parallelise them; vectorise a static innermost
+    spatial loop (only when the block is purely spatial)."""
+    loops = list(sch.get_loops(block))
+    if not loops:
+        return
+    types = _iter_types(sch, block)
+    if n_spatial is None:
+        n_spatial = 0
+        for t in types:
+            if t != DATA_PAR:
+                break
+            n_spatial += 1
+    n_spatial = min(n_spatial, len(loops))
+    spatial_only = n_spatial == len(loops) == len(types)
+    # only plain stores vectorise safely (no data-dependent conditions or lets in the body)
+    vectorize = vectorize and isinstance(sch.get(block).body, tirx.BufferStore)
+    vec = None
+    if vectorize and spatial_only:
+        ext = _loop_extent(sch, loops[-1])
+        if ext is not None and ext >= lanes and ext % lanes == 0:
+            outer, vec = sch.split(loops[-1], [None, lanes])
+            loops = loops[:-1] + [outer]
+        elif ext is not None and 1 < ext < lanes:
+            vec = loops[-1]  # short static innermost loop: let LLVM use a narrower vector
+            loops = loops[:-1]
+            n_spatial -= 1
+    outer = loops[:n_spatial] if spatial_only else loops[:n_spatial]
+    if spatial_only and vec is not None and len(loops) > n_spatial:
+        outer = loops  # includes the split outer of the vectorised loop
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    if vec is not None:
+        sch.vectorize(vec)
+
+
+# -- rules ----------------------------------------------------------------------------------------
+class Conv2dNCHW(ScheduleRule):
+    """Register-blocked NCHW conv (dense and SIGE sparse)."""
+
+    name = "cpu.conv2d_nchw"
+
+    def __init__(self, rh: int = 4, rw: int = 4):
+        self.rh, self.rw = rh, rw
+
+    def _find(self, sch):
+        for b in _root_blocks(sch):
+            t = _iter_types(sch, b)
+            if t == [DATA_PAR] * 4 + [COMM_REDUCE] * 3:
+                return b
+        return None
+
+    def apply(self, func, target):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        conv = self._find(sch)
+        if conv is None:
+            return None
+        lanes = vector_lanes(target)
+        blocks = _root_blocks(sch)
+        ci = blocks.index(next(b for b in blocks if sch.get(b).same_as(sch.get(conv))))
+        before, after = blocks[:ci], blocks[ci + 1:]
+        # only handle: [data producer] conv [elementwise epilogue chain]
+        if any(not _is_spatial(sch, b) for b in before + after):
+            return None
+        loops = sch.get_loops(conv)
+        n, co, oh, ow, rc, rh, rw = loops
+        cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
+        if None in (cout, eh, ew):
+            return None
+        v = _largest_divisor(cout, lanes)
+        th = _largest_divisor(eh, self.rh)
+        tw = _largest_divisor(ew, self.rw)
+        conv_block = sch.get(conv)
+        weight_buf = _buf(conv_block.reads[1]) if len(conv_block.reads) >= 2 else None
+
+        # weights: repack to [Cout/V, Cin/g, kh, kw, V] so each (ci, kh, kw) loads one vector
+        if weight_buf is not None and len(weight_buf.shape) == 4:
+            widx = next(k for k, r in enumerate(conv_block.reads) if _buf(r).same_as(weight_buf))
+            wread = sch.cache_read(conv, widx, "global")
+            sch.transform_layout(wread, ("write", 0), lambda a, b, c, d: (a // v, b, c, d, a % v))
+            wl = sch.get_loops(wread)
+            sch.parallel(sch.fuse(*wl[:2]))
+
+        # accumulate in registers: conv -> local, write-back (+ epilogue) per tile
+        wb = sch.cache_write(conv, 0, "local")
+        chain = [wb] + list(after)
+        for b in chain[:-1]:
+            sch.compute_inline(b)
+        last = chain[-1]
+
+        co_o, co_i = sch.split(co, [None, v])
+        oh_o, oh_i = sch.split(oh, [None, th])
+        ow_o, ow_i = sch.split(ow, [None, tw])
+        # spatial tile outer (its input tile is gathered/padded once), all output-channel
+        # groups inner; the accumulator tile [RH, RW, V] is laid out with channels innermost
+        sch.reorder(n, oh_o, ow_o, co_o, rc, rh, rw, oh_i, ow_i, co_i)
+        sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
+
+        # data producer (pad / gather / scatter-gather): per tile into a stack buffer
+        producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
+                                              for r in conv_block.reads)]
+        for b in before:
+            if b not in producers:
+                try:
+                    sch.compute_inline(b)
+                except Exception:
+                    pass
+        for p in producers:
+            sch.compute_at(p, ow_o, preserve_unit_loops=True)
+            sch.set_scope(p, 0, "local")
+            ploops = sch.get_loops(p)[-3:]
+            if _loop_extent(sch, ploops[-1]) is not None and _loop_extent(sch, ploops[-1]) <= 16:
+                sch.unroll(ploops[-1])
+
+        sch.reverse_compute_at(last, co_o, preserve_unit_loops=True)
+        # epilogue: loops (co, i, j) of the tile; vectorise along j when possible
+        eloops = sch.get_loops(last)[-4:]
+        try:
+            sch.unroll(eloops[-2])
+        except Exception:
+            pass
+
+        sch.unroll(rw)
+        sch.unroll(oh_i)
+        sch.unroll(ow_i)
+        sch.vectorize(co_i)
+        outer = sch.fuse(n, oh_o, ow_o)
+        sch.parallel(outer)
+        sch.decompose_reduction(conv, rc)  # init inherits the vectorised/unrolled inner loops
+        return sch
+
+
+class Matmul(ScheduleRule):
+    """Spatial ``(..., i, j)`` x one reduction ``k`` with output ``[..., i, j]``: 4 x V register tiles."""
+
+    name = "cpu.matmul"
+
+    def apply(self, func, target):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        red = [b for b in blocks if not _is_spatial(sch, b)]
+        if len(red) != 1:
+            return None
+        mm = red[0]
+        types = _iter_types(sch, mm)
+        if types[-1] != COMM_REDUCE or types.count(COMM_REDUCE) != 1 or len(types) < 3:
+            return None
+        blk = sch.get(mm)
+        # the reduction var must not index the output, j (last spatial) must be the contiguous output axis
+        loops = sch.get_loops(mm)
+        if len(loops) != len(types):
+            return None
+        ei, ej = _loop_extent(sch, loops[-3]), _loop_extent(sch, loops[-2])
+        lanes = vector_lanes(target)
+        if ei is None or ej is None or ej % lanes != 0:
+            return None
+        idx = blocks.index(next(b for b in blocks if sch.get(b).same_as(blk)))
+        before, after = blocks[:idx], blocks[idx + 1:]
+        if any(not _is_spatial(sch, b) for b in before + after):
+            return None
+        for b in before:
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
+        wb = sch.cache_write(mm, 0, "local")
+        chain = [wb] + list(after)
+        for b in chain[:-1]:
+            sch.compute_inline(b)
+        last = chain[-1]
+        *batch, i, j, k = sch.get_loops(mm)
+        ti = _largest_divisor(ei, 4)
+        jv = lanes * (2 if ej % (2 * lanes) == 0 else 1)
+        io, ii = sch.split(i, [None, ti])
+        jo, ji = sch.split(j, [None, jv])
+        sch.reorder(*batch, io, jo, k, ii, ji)
+        sch.reverse_compute_at(last, jo, preserve_unit_loops=True)
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        el = sch.get_loops(last)
+        sch.vectorize(el[-1])
+        outer = sch.fuse(*batch, io, jo)
+        sch.parallel(outer)
+        sch.decompose_reduction(mm, k)
+        return sch
+
+
+class SigeGatherScatter(ScheduleRule):
+    """SigeGather / SigeScatterGather / SigeScatter(+BlockResidual): parallel over (blocks x channels)."""
+
+    name = "cpu.sige_gather_scatter"
+    OPS = ("SigeGather", "SigeScatterGather", "SigeScatter", "SigeScatterWithBlockResidual")
+
+    def apply(self, func, target):
+        if not isinstance(func, tirx.PrimFunc) or _func_op(func) not in self.OPS:
+            return None
+        sch = s_tir.Schedule(func)
+        lanes = vector_lanes(target)
+        for b in _root_blocks(sch):
+            name = sch.get(b).name_hint
+            loops = sch.get_loops(b)
+            if name == "sige_scatter_copy":
+                _parallel_vectorize(sch, b, lanes)
+            elif len(loops) >= 4:
+                fused = sch.fuse(loops[0], loops[1])
+                sch.parallel(fused)
+                if _loop_extent(sch, loops[-1]) is not None and _loop_extent(sch, loops[-1]) <= 16:
+                    sch.unroll(loops[-1])
+            else:
+                _parallel_vectorize(sch, b, lanes)
+        return sch
+
+
+class Generic(ScheduleRule):
+    """Fallback for injective and reduction functions: inline injective producers, parallel outer
+    spatial loops, vectorise a static innermost spatial loop."""
+
+    name = "cpu.generic"
+
+    def apply(self, func, target):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        if not blocks:
+            return None
+        lanes = vector_lanes(target)
+        outputs = _output_buffers(func)
+        # inline spatial blocks that are not outputs (into their consumers)
+        for b in blocks[:-1]:
+            blk = sch.get(b)
+            if not _is_spatial(sch, b) or any(str(_buf(w).name) in outputs for w in blk.writes):
+                continue
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
+        for b in _root_blocks(sch):
+            try:
+                _parallel_vectorize(sch, b, lanes)
+            except Exception:
+                pass
+        return sch
+
+
+def default_rules():
+    return [SigeGatherScatter(), Conv2dNCHW(), Matmul(), Generic()]
+
+
+__all__ = ["Conv2dNCHW", "Matmul", "SigeGatherScatter", "Generic", "default_rules", "vector_lanes"]

@@ -1,0 +1,294 @@
+"""ONNX -> Relax import with ``(domain, op_type)`` dispatch.
+
+TVM's Relax ONNX frontend dispatches on ``op_type`` alone: a node ``Gather`` in domain
+``ai.sige`` would silently become ONNX ``Gather``. ``SigeGraphImporter`` subclasses the
+frontend's ``ONNXGraphImporter`` and routes every node by its domain *before* the frontend
+sees it:
+
+* ``""`` / ``"ai.onnx"``   -> the stock converter map (one node at a time)
+* ``"ai.sige"``            -> ``R.call_tir`` to the TE/TIR definitions in ``sige_te``
+  (an unknown op_type in ``ai.sige`` is rejected, never converted as a standard op)
+* any other domain         -> rejected with an error naming the node
+
+Model-local functions (the ai.sige ONNX bodies) are ignored: the ops are lowered natively.
+The number of blocks ``N`` of each ``indices`` input is symbolic unless fixed in ``shapes``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import onnx
+
+SIGE_DOMAIN = "ai.sige"
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class UnsupportedNodeError(ValueError):
+    """A node the importer refuses to convert (unknown domain or unknown ai.sige op)."""
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"node {node.name or '<unnamed>'!r} (op_type {node.op_type!r}, domain {node.domain!r})"
+
+
+# -- ai.sige converters -----------------------------------------------------------------------
+def _ints(attrs, key, default=None):
+    v = attrs.get(key, default)
+    if v is None:
+        raise UnsupportedNodeError(f"missing attribute {key!r}")
+    return tuple(int(a) for a in v)
+
+
+def _opt(inputs, i):
+    return inputs[i] if len(inputs) > i and inputs[i] is not None else None
+
+
+def _shape_of(expr):
+    return [d for d in expr.ty.shape.values]
+
+
+def _convert_gather(bb, inputs, attrs, name):
+    from . import sige_te
+
+    x, idx = inputs[0], inputs[1]
+    scale, shift = _opt(inputs, 2), _opt(inputs, 3)
+    pre = sige_te.PreOp.from_attrs(attrs)
+    block = _ints(attrs, "block")
+    args = [x, idx] + [t for t in (scale, shift) if t is not None]
+
+    def f(x, idx, *rest):
+        rest = list(rest)
+        sc = rest.pop(0) if scale is not None else None
+        sf = rest.pop(0) if shift is not None else None
+        return sige_te.gather_te(x, idx, block, pre, sc, sf)
+
+    return bb.emit_te(f, *args, primfunc_name_hint="sige_gather", primfunc_attrs={"sige.op": "SigeGather"})
+
+
+def _convert_sparse_conv(bb, inputs, attrs, name):
+    from . import sige_te
+
+    x, idx, w = inputs[0], inputs[1], inputs[2]
+    bias, scale, shift = _opt(inputs, 3), _opt(inputs, 4), _opt(inputs, 5)
+    pre = sige_te.PreOp.from_attrs(attrs)
+    block = _ints(attrs, "block")
+    strides = _ints(attrs, "strides", (1, 1))
+    group = int(attrs.get("group", 1))
+    present = [t for t in (bias, scale, shift) if t is not None]
+
+    def f(x, idx, w, *rest):
+        rest = list(rest)
+        b = rest.pop(0) if bias is not None else None
+        sc = rest.pop(0) if scale is not None else None
+        sf = rest.pop(0) if shift is not None else None
+        return sige_te.sparse_conv2d_te(x, idx, w, b, sc, sf, block=block, strides=strides, group=group, pre=pre)
+
+    return bb.emit_te(f, x, idx, w, *present, primfunc_name_hint="sige_sparse_conv2d",
+                      primfunc_attrs={"sige.op": "SigeSparseConv2d"})
+
+
+def _convert_scatter_gather(bb, inputs, attrs, name):
+    from . import sige_te
+
+    blocks, base, smap, idx = inputs[:4]
+    scale, shift = _opt(inputs, 4), _opt(inputs, 5)
+    pre = sige_te.PreOp.from_attrs(attrs)
+    block = _ints(attrs, "block")
+    present = [t for t in (scale, shift) if t is not None]
+
+    def f(blocks, base, smap, idx, *rest):
+        rest = list(rest)
+        sc = rest.pop(0) if scale is not None else None
+        sf = rest.pop(0) if shift is not None else None
+        return sige_te.scatter_gather_te(blocks, base, smap, idx, block=block, pre=pre, scale=sc, shift=sf)
+
+    return bb.emit_te(f, blocks, base, smap, idx, *present, primfunc_name_hint="sige_scatter_gather",
+                      primfunc_attrs={"sige.op": "SigeScatterGather"})
+
+
+def _static(dims, what):
+    out = []
+    for d in dims:
+        try:
+            out.append(int(d))
+        except TypeError:
+            raise UnsupportedNodeError(f"{what}: dimension {d} must be static") from None
+    return out
+
+
+def _convert_scatter(bb, inputs, attrs, name):
+    from tvm import relax
+
+    from . import sige_te
+
+    blocks, base, idx = inputs[0], inputs[1], inputs[2]
+    residual = _opt(inputs, 3)
+    B, C, Ho, Wo = _static(_shape_of(base), f"{name}: base")
+    _, _, ph, pw = _shape_of(blocks)
+    func = sige_te.scatter_primfunc(B, C, Ho, Wo, int(ph), int(pw), _ints(attrs, "offset", (0, 0)),
+                                    _ints(attrs, "stride", (1, 1)), residual is not None)
+    gv = bb.add_func(func, "sige_scatter")
+    args = [blocks, base, idx] + ([residual] if residual is not None else [])
+    return bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((B, C, Ho, Wo), "float32")))
+
+
+def _convert_scatter_block_residual(bb, inputs, attrs, name):
+    from tvm import relax
+
+    from . import sige_te
+
+    blocks, base, idx, sblocks, sbase, sidx = inputs[:6]
+    B, C, Ho, Wo = _static(_shape_of(base), f"{name}: base")
+    _, _, ph, pw = _shape_of(blocks)
+    _, _, sph, spw = _shape_of(sblocks)
+    shortcut = (int(sph), int(spw), _ints(attrs, "shortcut_offset", (0, 0)), _ints(attrs, "shortcut_stride", (1, 1)))
+    func = sige_te.scatter_primfunc(B, C, Ho, Wo, int(ph), int(pw), _ints(attrs, "offset", (0, 0)),
+                                    _ints(attrs, "stride", (1, 1)), False, shortcut=shortcut)
+    gv = bb.add_func(func, "sige_scatter_with_block_residual")
+    return bb.emit(relax.call_tir(gv, relax.Tuple([blocks, base, idx, sblocks, sbase, sidx]),
+                                  relax.TensorType((B, C, Ho, Wo), "float32")))
+
+
+SIGE_CONVERTERS: dict[str, Callable] = {
+    "SigeGather": _convert_gather,
+    "SigeSparseConv2d": _convert_sparse_conv,
+    "SigeScatter": _convert_scatter,
+    "SigeScatterGather": _convert_scatter_gather,
+    "SigeScatterWithBlockResidual": _convert_scatter_block_residual,
+}
+
+
+# -- the importer --------------------------------------------------------------------------------
+def _importer_class():
+    from tvm.relax.frontend.onnx import onnx_frontend as of
+
+    class SigeGraphImporter(of.ONNXGraphImporter):
+        """ONNXGraphImporter that dispatches on (domain, op_type)."""
+
+        class _OneNode:
+            def __init__(self, node):
+                self.node = [node]
+
+        def _check_for_unsupported_ops(self, graph):
+            convert_map = of._get_convert_map()
+            bad = []
+            for node in graph.node:
+                dom = node.domain
+                if dom == SIGE_DOMAIN:
+                    if node.op_type not in SIGE_CONVERTERS:
+                        bad.append(f"{_node_label(node)}: not an op of the {SIGE_DOMAIN} op set "
+                                   f"(known: {', '.join(sorted(SIGE_CONVERTERS))})")
+                elif dom in STANDARD_DOMAINS:
+                    if node.op_type not in convert_map and node.op_type not in ("If", "Constant"):
+                        bad.append(f"{_node_label(node)}: ONNX op not supported by the TVM Relax frontend")
+                else:
+                    bad.append(f"{_node_label(node)}: unknown op domain {dom!r} "
+                               f"(supported: standard ONNX and {SIGE_DOMAIN!r})")
+            if bad:
+                raise UnsupportedNodeError("cannot import the ONNX graph:\n  " + "\n  ".join(bad))
+
+        def _construct_nodes(self, graph):
+            for node in graph.node:
+                if node.domain in STANDARD_DOMAINS:
+                    super()._construct_nodes(self._OneNode(node))
+                elif node.domain == SIGE_DOMAIN:
+                    self._construct_sige(node)
+                else:  # guarded by _check_for_unsupported_ops, kept for subgraphs
+                    raise UnsupportedNodeError(f"{_node_label(node)}: unknown op domain {node.domain!r}")
+
+        def _construct_sige(self, node):
+            conv = SIGE_CONVERTERS.get(node.op_type)
+            if conv is None:
+                raise UnsupportedNodeError(f"{_node_label(node)}: not an op of the {SIGE_DOMAIN} op set")
+            attrs = self._parse_attr(node.attribute)
+            inputs = [self._nodes[i] if i != "" else None for i in node.input]
+            try:
+                out = conv(self.bb, inputs, attrs, node.name or node.op_type)
+            except UnsupportedNodeError as e:
+                raise UnsupportedNodeError(f"{_node_label(node)}: {e}") from None
+            if len(node.output) != 1:
+                raise UnsupportedNodeError(f"{_node_label(node)}: expected one output")
+            self._nodes[node.output[0]] = out
+
+    return SigeGraphImporter
+
+
+def _resolve_shapes(shapes: Mapping[str, Any] | None):
+    """Turn ``{"x": (1, 64, 32, 32), "idx": ("N", 2)}`` into frontend shapes (str -> shared int64 tir.Var)."""
+    from tvm import tirx
+
+    if not shapes:
+        return {}
+    syms: dict[str, Any] = {}
+    out = {}
+    for k, shp in shapes.items():
+        dims = []
+        for d in shp:
+            if d is None:
+                d = f"{k}_dyn{len(dims)}"
+            if isinstance(d, str):
+                d = syms.setdefault(d, tirx.Var(d, "int64"))
+            dims.append(d)
+        out[k] = dims
+    return out
+
+
+def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Shapes for every graph input: given ones win; ``indices`` inputs of sige ops get a symbolic ``N``."""
+    init = {t.name for t in model.graph.initializer}
+    given = dict(shapes or {})
+    idx_inputs: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.domain != SIGE_DOMAIN:
+            continue
+        pos = {"SigeGather": [1], "SigeSparseConv2d": [1], "SigeScatter": [2], "SigeScatterGather": [3],
+               "SigeScatterWithBlockResidual": [2, 5]}.get(node.op_type, [])
+        for p in pos:
+            if p < len(node.input):
+                idx_inputs.setdefault(node.input[p], f"N_{len(idx_inputs)}")
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        if vi.name in given:
+            out[vi.name] = tuple(given[vi.name])
+        elif vi.name in idx_inputs:
+            out[vi.name] = (idx_inputs[vi.name], 2)
+        else:
+            dims = vi.type.tensor_type.shape.dim
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+    return out
+
+
+def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None, *,
+                   keep_params_in_input: bool = False):
+    """Import a SIGE ONNX model into a Relax ``IRModule`` (function ``main``).
+
+    ``shapes`` maps input names to shapes; entries may be ints, strings (named symbolic dims,
+    shared between inputs) or None (a fresh symbolic dim). ``indices`` inputs of ai.sige ops
+    that are not given default to ``("N_k", 2)`` -- a symbolic block count, so one compiled
+    module serves every mask.
+    """
+    from tvm.relax.frontend.onnx import onnx_frontend as of
+
+    if model.ir_version < 3:
+        raise ValueError(f"ONNX IR version {model.ir_version} not supported")
+    opset = 1
+    for o in model.opset_import:
+        if o.domain in STANDARD_DOMAINS:
+            opset = o.version
+            break
+    for o in model.opset_import:
+        if o.domain not in STANDARD_DOMAINS + (SIGE_DOMAIN,) and any(
+                n.domain == o.domain for n in model.graph.node):
+            bad = next(n for n in model.graph.node if n.domain == o.domain)
+            raise UnsupportedNodeError(f"{_node_label(bad)}: unknown op domain {o.domain!r}")
+    shape_dict = _resolve_shapes(default_shapes(model, shapes))
+    dtypes = {}
+    for vi in model.graph.input:
+        et = vi.type.tensor_type.elem_type
+        if et:
+            dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(et).name
+    Importer = _importer_class()
+    g = Importer(shape_dict, dtypes, keep_params_in_input=keep_params_in_input, sanitize=True)
+    return g.from_onnx(model.graph, opset)

@@ -1,0 +1,280 @@
+"""TE / TIR definitions of the ``ai.sige`` ops (docs/sige-ops.md), unscheduled.
+
+Every function here builds the *computation* only; the per-target rules in
+``tvm_schedules.cpu`` / ``tvm_schedules.cuda`` schedule it. Block (``sblock``) names are part of
+the contract with the rules:
+
+* ``sige_gather``  -- pre-op'ed, zero-padded gather of blocks, ``[B*N, C, bh, bw]``
+* ``sige_conv``    -- the convolution over gathered blocks (reduction over ``rc, rh, rw``)
+* ``sige_bias``    -- bias epilogue of ``sige_conv``
+* ``sige_scatter_copy`` / ``sige_scatter`` / ``sige_shortcut`` -- scatter ops
+* ``sige_scatter_gather`` -- fused scatter+gather
+
+The block count ``N`` is symbolic (an int64 ``tir.Var``): one compiled kernel serves every
+mask; inner loop nests stay static (per block ``C x bh x bw``), only the outer block loop is
+dynamic. Functions carry the attribute ``sige.op`` so the schedule rules can dispatch on it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import tvm
+from tvm import te, tirx as tir
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "swish", "sigmoid", "tanh", "gelu")
+
+
+@dataclass(frozen=True)
+class PreOp:
+    """``pre(x) = act(x*scale + shift)`` (or ``act(x)*scale + shift`` when activation_first)."""
+
+    activation: str = "identity"
+    alpha: float = 0.2
+    activation_first: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+
+    @staticmethod
+    def from_attrs(attrs: dict) -> "PreOp":
+        act = attrs.get("activation", "identity")
+        if isinstance(act, bytes):
+            act = act.decode()
+        return PreOp(str(act), float(attrs.get("alpha", 0.2)), bool(int(attrs.get("activation_first", 0))))
+
+
+def _act(v, pre: PreOp):
+    a = pre.activation
+    f32 = "float32"
+    if a == "identity":
+        return v
+    if a == "relu":
+        return tir.max(v, tir.const(0.0, f32))
+    if a == "leaky_relu":
+        return tir.Select(v >= tir.const(0.0, f32), v, v * tir.const(pre.alpha, f32))
+    if a in ("silu", "swish"):
+        return v * tir.sigmoid(v)
+    if a == "sigmoid":
+        return tir.sigmoid(v)
+    if a == "tanh":
+        return tir.tanh(v)
+    if a == "gelu":
+        return tir.const(0.5, f32) * v * (tir.const(1.0, f32) + tir.erf(v * tir.const(1.0 / math.sqrt(2.0), f32)))
+    raise ValueError(a)
+
+
+def _bcast(t: Optional[te.Tensor], idx: Sequence):
+    """Load ``t`` broadcast (numpy rules, right-aligned) to a rank-len(idx) index."""
+    if t is None:
+        return None
+    shape = list(t.shape)
+    assert len(shape) <= len(idx), f"cannot broadcast rank {len(shape)} to rank {len(idx)}"
+    off = len(idx) - len(shape)
+    sub = []
+    for k, d in enumerate(shape):
+        if isinstance(d, (int, tir.IntImm)) and int(d) == 1:
+            sub.append(tir.const(0, "int64"))
+        else:
+            sub.append(idx[off + k])
+    return t(*sub)
+
+
+def _apply_pre(v, pre: PreOp, scale, shift, idx):
+    s = _bcast(scale, idx)
+    t = _bcast(shift, idx)
+
+    def affine(u):
+        if s is not None:
+            u = u * s
+        if t is not None:
+            u = u + t
+        return u
+
+    return affine(_act(v, pre)) if pre.activation_first else _act(affine(v), pre)
+
+
+def _i64(e):
+    return e if e.dtype == "int64" else tir.Cast("int64", e)
+
+
+def gather_te(x: te.Tensor, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
+              scale: Optional[te.Tensor] = None, shift: Optional[te.Tensor] = None, name: str = "sige_gather"):
+    """``y[b*N+n, c, i, j] = pre(x)[b, c, h_n+i, w_n+j]``, 0 outside the image."""
+    B, C, H, W = x.shape
+    N = indices.shape[0]
+    bh, bw = int(block[0]), int(block[1])
+
+    def f(bn, c, i, j):
+        b = tir.floordiv(bn, N)
+        n = tir.floormod(bn, N)
+        h = _i64(indices[n, 0]) + i
+        w = _i64(indices[n, 1]) + j
+        inside = tir.all(h >= 0, h < H, w >= 0, w < W)
+        hc = tir.max(tir.min(h, H - 1), 0)
+        wc = tir.max(tir.min(w, W - 1), 0)
+        v = _apply_pre(x[b, c, hc, wc], pre, scale, shift, (b, c, hc, wc))
+        return tir.if_then_else(inside, v, tir.const(0.0, x.dtype))
+
+    return te.compute((B * N, C, bh, bw), f, name=name)
+
+
+def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
+                     pre: PreOp = PreOp()):
+    """SigeSparseConv2d = Conv(SigeGather(x, indices), weight, bias, pads=0, strides, group)."""
+    g = gather_te(x, indices, block, pre, scale, shift)
+    BN, C, bh, bw = g.shape
+    Cout, Cg, kh, kw = (int(d) for d in weight.shape)
+    sh, sw = int(strides[0]), int(strides[1])
+    oh, ow = (int(bh) - kh) // sh + 1, (int(bw) - kw) // sw + 1
+    group = int(group)
+    if Cout % group or int(C) != Cg * group:
+        raise ValueError(f"SigeSparseConv2d: channels {int(C)} / weight {weight.shape} inconsistent with group={group}")
+    opg = Cout // group
+    rc = te.reduce_axis((0, Cg), name="rc")
+    rh = te.reduce_axis((0, kh), name="rh")
+    rw = te.reduce_axis((0, kw), name="rw")
+
+    def conv(bn, co, i, j):
+        ci = rc if group == 1 else tir.floordiv(co, opg) * Cg + rc
+        return te.sum(g[bn, ci, i * sh + rh, j * sw + rw] * weight[co, rc, rh, rw], axis=[rc, rh, rw])
+
+    y = te.compute((BN, Cout, oh, ow), conv, name="sige_conv")
+    if bias is not None:
+        y = te.compute((BN, Cout, oh, ow), lambda bn, co, i, j: y[bn, co, i, j] + bias[co], name="sige_bias")
+    return y
+
+
+def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):
+    """SigeScatterGather: gather from the virtual scatter of ``blocks`` into ``base`` (via ``scatter_map``)."""
+    B, C, Ho, Wo = base.shape
+    BN1, _, ph, pw = blocks.shape
+    N = indices.shape[0]
+    bh, bw = int(block[0]), int(block[1])
+    N1 = tir.floordiv(BN1, B)
+    php = int(ph) * int(pw)
+
+    def f(bn, c, i, j):
+        b = tir.floordiv(bn, N)
+        n = tir.floormod(bn, N)
+        h = _i64(indices[n, 0]) + i
+        w = _i64(indices[n, 1]) + j
+        inside = tir.all(h >= 0, h < Ho, w >= 0, w < Wo)
+        hc = tir.max(tir.min(h, Ho - 1), 0)
+        wc = tir.max(tir.min(w, Wo - 1), 0)
+        s = _i64(scatter_map[hc, wc])
+        sc = tir.max(s, 0)
+        m = tir.floordiv(sc, php)
+        r = tir.floormod(sc, php)
+        bv = blocks[tir.max(tir.min(b * N1 + m, BN1 - 1), 0), c, tir.floordiv(r, pw), tir.floormod(r, pw)]
+        v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
+        v = _apply_pre(v, pre, scale, shift, (b, c, hc, wc))
+        return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
+
+    return te.compute((B * N, C, bh, bw), f, name="sige_scatter_gather")
+
+
+# -- scatter ops: TIR (data-dependent writes) ---------------------------------------------------
+def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, shortcut=None):
+    """PrimFunc of SigeScatter (``shortcut is None``) or SigeScatterWithBlockResidual.
+
+    ``shortcut`` = (sph, spw, shortcut_offset, shortcut_stride). Arguments in order:
+    blocks, base, indices[, residual] -> y  (SigeScatter)
+    blocks, base, indices, shortcut_blocks, shortcut_base, shortcut_indices -> y  (with block residual)
+    """
+    from tvm.script import tirx as T
+
+    B, C, Ho, Wo, ph, pw = (int(v) for v in (B, C, Ho, Wo, ph, pw))
+    oh, ow = (int(v) for v in offset)
+    sh, sw = (int(v) for v in stride)
+
+    if shortcut is None and not has_residual:
+        @T.prim_func(private=True, s_tir=True)
+        def scatter(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
+                    y: T.Buffer((B, C, Ho, Wo), "float32")):
+            T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+            N = T.int64()
+            blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
+            idx = T.match_buffer(var_idx, (N, 2), "int32")
+            for b, c, h, w in T.grid(B, C, Ho, Wo):
+                with T.sblock("sige_scatter_copy"):
+                    vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                    y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
+            for bn, c, i, j in T.grid(B * N, C, ph, pw):
+                with T.sblock("sige_scatter"):
+                    vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
+                    T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2])
+                    T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
+                    r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
+                    q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                    if r >= 0 and r < Ho and q >= 0 and q < Wo:
+                        y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj]
+        return scatter
+
+    if shortcut is None:
+        @T.prim_func(private=True, s_tir=True)
+        def scatter_res(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
+                        residual: T.Buffer((B, C, Ho, Wo), "float32"), y: T.Buffer((B, C, Ho, Wo), "float32")):
+            T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+            N = T.int64()
+            blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
+            idx = T.match_buffer(var_idx, (N, 2), "int32")
+            for b, c, h, w in T.grid(B, C, Ho, Wo):
+                with T.sblock("sige_scatter_copy"):
+                    vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                    y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
+            for bn, c, i, j in T.grid(B * N, C, ph, pw):
+                with T.sblock("sige_scatter"):
+                    vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
+                    T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2], residual[vbn // N, vc, 0:Ho, 0:Wo])
+                    T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
+                    r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
+                    q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                    if r >= 0 and r < Ho and q >= 0 and q < Wo:
+                        y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj] + residual[vbn // N, vc, r, q]
+        return scatter_res
+
+    sph, spw, soff, sstr = shortcut
+    sph, spw = int(sph), int(spw)
+    soh, sow = (int(v) for v in soff)
+    ssh, ssw = (int(v) for v in sstr)
+
+    @T.prim_func(private=True, s_tir=True)
+    def scatter_block_res(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
+                          var_sblocks: T.handle, sbase: T.Buffer((B, C, Ho, Wo), "float32"), var_sidx: T.handle,
+                          y: T.Buffer((B, C, Ho, Wo), "float32")):
+        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatterWithBlockResidual"})
+        N = T.int64()
+        M = T.int64()
+        blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
+        idx = T.match_buffer(var_idx, (N, 2), "int32")
+        sblocks = T.match_buffer(var_sblocks, (B * M, C, sph, spw), "float32")
+        sidx = T.match_buffer(var_sidx, (M, 2), "int32")
+        for b, c, h, w in T.grid(B, C, Ho, Wo):
+            with T.sblock("sige_scatter_copy"):
+                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
+        for bn, c, i, j in T.grid(B * N, C, ph, pw):
+            with T.sblock("sige_scatter"):
+                vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
+                T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2], sbase[vbn // N, vc, 0:Ho, 0:Wo])
+                T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
+                r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
+                q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                if r >= 0 and r < Ho and q >= 0 and q < Wo:
+                    y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj] + sbase[vbn // N, vc, r, q]
+        for bm, c, i, j in T.grid(B * M, C, sph, spw):
+            with T.sblock("sige_shortcut"):
+                vbm, vc, vi, vj = T.axis.remap("SSSS", [bm, c, i, j])
+                # y is read-modify-written at positions no other iteration touches (shortcut blocks
+                # never overlap); leaving it out of T.reads keeps the block data-parallel so the
+                # rules can parallelise / bind it.
+                T.reads(sblocks[vbm, vc, vi, vj], sidx[vbm % M, 0:2], sbase[vbm // M, vc, 0:Ho, 0:Wo])
+                T.writes(y[vbm // M, vc, 0:Ho, 0:Wo])
+                r = T.floordiv(T.Cast("int64", sidx[vbm % M, 0]) + soh, ssh) + vi
+                q = T.floordiv(T.Cast("int64", sidx[vbm % M, 1]) + sow, ssw) + vj
+                if r >= 0 and r < Ho and q >= 0 and q < Wo:
+                    y[vbm // M, vc, r, q] = y[vbm // M, vc, r, q] + sblocks[vbm, vc, vi, vj] - sbase[vbm // M, vc, r, q]
+    return scatter_block_res
