@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ IR_VERSION = 10
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu", "sigmoid", "tanh", "gelu")
 ACTIVATION_ALIASES = {"swish": "silu"}
 
-Shape = tuple  # tuple[int | str, ...]
+Shape = tuple[int | str, ...]  # a shape with symbolic dims allowed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +158,6 @@ def overload_name(
     ``alpha`` only counts for ``leaky_relu``; ``activation_first`` only when it changes the body
     (an activation other than identity and a scale or shift present).
     """
-    names = {s.name for s in specs}
     parts: list[str] = []
     has_affine = any(n in ("scale", "shift") for n in optional_present)
     for spec in specs:
@@ -174,7 +173,6 @@ def overload_name(
         else:
             s = str(v)
         parts.append(f"{spec.name}={s}")
-    del names
     parts.append("in=" + ("+".join(optional_present) if optional_present else "-"))
     return ";".join(parts)
 
@@ -209,18 +207,21 @@ def register(op: OpDef) -> OpDef:
     return op
 
 
-def make_op_run(op: OpDef) -> type[OpRun]:
-    """An ``onnx.reference`` OpRun class named after the op whose ``_run`` is the numpy reference."""
+class SigeOpRun(OpRun):
+    """Base of the ``onnx.reference`` classes: ``_run`` normalises the attributes (defaults filled),
+    validates the inputs and calls the op's vectorised numpy reference.  Subclasses are named
+    after the op type and set ``op_def``."""
 
-    def _run(self: OpRun, *args: Any, **kwargs: Any) -> tuple[np.ndarray]:
-        arrays = [None if a is None else np.asarray(a) for a in args]
+    op_domain = DOMAIN
+    op_def: ClassVar[OpDef]
+
+    def _run(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray]:  # type: ignore[override]
+        op = self.op_def
+        arrays: list[np.ndarray | None] = [None if a is None else np.asarray(a) for a in args]
         arrays += [None] * (len(op.inputs) - len(arrays))
         attrs = normalise_attrs(op.op_type, op.attrs, kwargs)
         op.validate(arrays, attrs)
         return (op.compute(*arrays, **attrs),)
-
-    return type(op.op_type, (OpRun,), {"op_domain": DOMAIN, "_run": _run, "__doc__": op.doc,
-                                       "__module__": f"sige_export.custom_ops.{op.op_type}"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,9 +532,8 @@ def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int
 
 
 def body_flatten_hw(bd: Body, x: str) -> str:
-    """``[B, C, H, W] -> [B, C, H*W]``."""
-    hw = bd.op("Mul", bd.shape(x, 2, 3), bd.shape(x, 3, 4))
-    return bd.reshape(x, bd.concat(bd.shape(x, 0, 2), hw))
+    """``[B, C, H, W] -> [B, C, H*W]`` (constant ``[0, 0, -1]`` keeps ``B``, ``C`` static)."""
+    return bd.op("Reshape", x, bd.ints([0, 0, -1]))
 
 
 def body_gather_param(bd: Body, p: str, pos: GatherPositions) -> str:
@@ -571,23 +571,26 @@ def body_pre(bd: Body, g: str, scale: str | None, shift: str | None, attrs: Mapp
     return body_activation(bd, affine(g), act, alpha)
 
 
-def body_finish_gather(bd: Body, v: str, pos: GatherPositions, batch_channel_of: str, block: Sequence[int],
-                       out: str) -> str:
-    """Zero outside the image, ``[B, C, N, bh, bw] -> [B*N, C, bh, bw]``."""
+def body_finish_gather(bd: Body, v: str, pos: GatherPositions, block: Sequence[int], out: str) -> str:
+    """Zero outside the image, ``[B, C, N, bh, bw] -> [B*N, C, bh, bw]``.
+
+    The merge goes through ``[C, B*N, bh, bw]`` with a constant ``[0, -1, bh, bw]`` shape so onnx
+    shape inference keeps ``C``, ``bh``, ``bw`` static without data propagation (``-1`` is never
+    ambiguous: ``C*bh*bw > 0`` even when ``N = 0``).
+    """
     v = bd.op("Where", pos.valid, v, bd.scalar_f32(0.0))
-    v = bd.op("Transpose", v, perm=[0, 2, 1, 3, 4])
-    bn = bd.op("Mul", bd.shape(batch_channel_of, 0, 1), pos.n)
-    shape = bd.concat(bn, bd.shape(batch_channel_of, 1, 2), bd.ints(list(block)))
-    return bd.op("Reshape", v, shape, allowzero=1, out=out)
+    v = bd.op("Transpose", v, perm=[1, 0, 2, 3, 4])
+    v = bd.op("Reshape", v, bd.ints([0, -1, *block]))
+    return bd.op("Transpose", v, perm=[1, 0, 2, 3], out=out)
 
 
 def body_pre_gather(bd: Body, values: str, pos: GatherPositions, scale: str | None, shift: str | None,
-                    attrs: Mapping[str, Any], batch_channel_of: str, out: str) -> str:
+                    attrs: Mapping[str, Any], out: str) -> str:
     """Gathered raw values ``[B, C, N, bh, bw]`` -> pre-ops -> zero outside -> ``[B*N, C, bh, bw]``."""
     s = body_gather_param(bd, scale, pos) if scale is not None else None
     t = body_gather_param(bd, shift, pos) if shift is not None else None
     v = body_pre(bd, values, s, t, attrs)
-    return body_finish_gather(bd, v, pos, batch_channel_of, attrs["block"], out)
+    return body_finish_gather(bd, v, pos, attrs["block"], out)
 
 
 def body_floordiv_origins(bd: Body, indices: str, offset: Sequence[int], stride: Sequence[int]) -> str:
@@ -600,11 +603,11 @@ def body_floordiv_origins(bd: Body, indices: str, offset: Sequence[int], stride:
 
 def body_scatter_positions(bd: Body, indices: str, blocks: str, base: str, offset: Sequence[int],
                            stride: Sequence[int]) -> tuple[str, str]:
-    """Flat output positions of the in-image block elements and the blocks' values there.
+    """Output positions of the in-image block elements and the blocks' values there.
 
-    Returns ``(pos [B, C, M] int64, values [B, C, M])`` for ScatterElements(axis=2) on the
-    ``[B, C, Ho*Wo]`` view of ``base``; elements outside the image are dropped (Compress), so no
-    padded copy of ``base`` is needed.
+    Returns ``(idx [B, C, M, 4] int64, values [B, C, M])`` for ScatterND / GatherND on ``base``-shaped
+    tensors (which keeps ``base``'s static shape for onnx shape inference); elements outside the
+    image are dropped (Compress), so no padded copy of ``base`` is needed.
     """
     org = body_floordiv_origins(bd, indices, offset, stride)
     zero, one, two = bd.ints([0]), bd.ints([1]), bd.ints([2])
@@ -623,12 +626,16 @@ def body_scatter_positions(bd: Body, indices: str, blocks: str, base: str, offse
     php = bd.op("Mul", ph, pw)
     total = bd.op("Mul", n, php)
     valid = bd.reshape(bd.op("And", rv, cv), total)  # [N*ph*pw]
-    flat = bd.reshape(bd.op("Add", bd.op("Mul", rows, Wo), cols), total)  # [N*ph*pw]
-    pos = bd.op("Compress", flat, valid, axis=0)  # [M]
+    rows_m = bd.op("Compress", bd.reshape(bd.op("Expand", rows, bd.concat(n, ph, pw)), total), valid, axis=0)
+    cols_m = bd.op("Compress", bd.reshape(bd.op("Expand", cols, bd.concat(n, ph, pw)), total), valid, axis=0)
     B, C = bd.shape(base, 0, 1), bd.shape(base, 1, 2)
     vals = bd.reshape(blocks, bd.concat(B, n, C, php))  # [B, N, C, ph*pw]
     vals = bd.op("Transpose", vals, perm=[0, 2, 1, 3])
     vals = bd.reshape(vals, bd.concat(B, C, total))
     vals = bd.op("Compress", vals, valid, axis=2)  # [B, C, M]
-    pos_e = bd.op("Expand", pos, bd.concat(B, C, bd.shape(pos, 0, 1)))
-    return pos_e, vals
+    target = bd.concat(B, C, bd.shape(rows_m, 0, 1), one)
+    parts = [bd.unsqueeze(bd.op("Range", z, bd.op("Squeeze", B, zero), z1), [1, 2, 3]),
+             bd.unsqueeze(bd.op("Range", z, bd.op("Squeeze", C, zero), z1), [0, 2, 3]),
+             bd.unsqueeze(rows_m, [0, 1, 3]), bd.unsqueeze(cols_m, [0, 1, 3])]
+    nd = bd.op("Concat", *(bd.op("Expand", p, target) for p in parts), axis=3)  # [B, C, M, 4]
+    return nd, vals

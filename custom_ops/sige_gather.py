@@ -5,9 +5,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (BLOCK, PRE_ATTRS, Body, OpDef, Shape, check_array, check_broadcast, check_float,
+from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, Body, OpDef, Shape, check_array, check_broadcast, check_float,
                       check_gather_range, check_indices, body_flatten_hw, body_gather_positions,
-                      body_pre_gather, dim_mul, make_op_run, need_rank, np_gather_blocks, np_pre, register)
+                      body_pre_gather, dim_mul, need_rank, np_gather_blocks, np_pre, register)
 
 OP_TYPE = "SigeGather"
 INPUTS = ("x", "indices", "scale", "shift")
@@ -36,7 +36,7 @@ def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     assert x is not None and indices is not None
     pos = body_gather_positions(bd, indices, x, attrs["block"])
     g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)  # [B, C, N, bh, bw]
-    return body_pre_gather(bd, g, pos, scale, shift, attrs, x, out="y")
+    return body_pre_gather(bd, g, pos, scale, shift, attrs, out="y")
 
 
 def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
@@ -47,4 +47,9 @@ def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
 
 OP = register(OpDef(OP_TYPE, INPUTS, 2, (BLOCK, *PRE_ATTRS), validate, compute, body, shape,
                     doc=__doc__ or ""))
-SigeGather = make_op_run(OP)
+
+
+class SigeGather(SigeOpRun):
+    """onnx.reference implementation of SigeGather (the numpy reference above)."""
+
+    op_def = OP

@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (Body, OpDef, Shape, body_flatten_hw, body_scatter_positions, check_array,
-                      check_blocks_vs_base, check_indices, check_scatter_range, fail, make_op_run, need_rank,
+from ._common import (SigeOpRun, Body, OpDef, Shape, body_scatter_positions, check_array,
+                      check_blocks_vs_base, check_indices, check_scatter_range, fail, need_rank,
                       np_scatter_blocks, register, scatter_attrs)
 
 OP_TYPE = "SigeScatter"
@@ -37,9 +37,8 @@ def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     assert blocks is not None and base is not None and indices is not None
     pos, vals = body_scatter_positions(bd, indices, blocks, base, attrs["offset"], attrs["stride"])
     if residual is not None:
-        vals = bd.op("Add", vals, bd.op("GatherElements", body_flatten_hw(bd, residual), pos, axis=2))
-    y = bd.op("ScatterElements", body_flatten_hw(bd, base), pos, vals, axis=2)
-    return bd.op("Reshape", y, bd.op("Shape", base), out="y")
+        vals = bd.op("Add", vals, bd.op("GatherND", residual, pos))
+    return bd.op("ScatterND", base, pos, vals, out="y")
 
 
 def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
@@ -47,4 +46,9 @@ def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
 
 
 OP = register(OpDef(OP_TYPE, INPUTS, 3, scatter_attrs(), validate, compute, body, shape, doc=__doc__ or ""))
-SigeScatter = make_op_run(OP)
+
+
+class SigeScatter(SigeOpRun):
+    """onnx.reference implementation of SigeScatter (the numpy reference above)."""
+
+    op_def = OP

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (BLOCK, PRE_ATTRS, Body, OpDef, Shape, body_flatten_hw, body_gather_positions,
+from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, Body, OpDef, Shape, body_flatten_hw, body_gather_positions,
                       body_pre_gather, check_array, check_blocks_vs_base, check_broadcast, check_gather_range,
-                      check_indices, dim_mul, fail, make_op_run, need_rank, np_gather_blocks, np_pre, register)
+                      check_indices, dim_mul, fail, need_rank, np_gather_blocks, np_pre, register)
 
 OP_TYPE = "SigeScatterGather"
 INPUTS = ("blocks", "base", "scatter_map", "indices", "scale", "shift")
@@ -76,7 +76,7 @@ def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     taken = bd.op("Gather", flat, bd.op("Where", covered, m, bd.op("Squeeze", length, bd.ints([0]))), axis=2)
     from_base = bd.op("Gather", body_flatten_hw(bd, base), pos.flat, axis=2)
     v = bd.op("Where", covered, taken, from_base)  # [B, C, N, bh, bw]
-    return body_pre_gather(bd, v, pos, scale, shift, attrs, base, out="y")
+    return body_pre_gather(bd, v, pos, scale, shift, attrs, out="y")
 
 
 def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
@@ -87,4 +87,9 @@ def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
 
 OP = register(OpDef(OP_TYPE, INPUTS, 4, (BLOCK, *PRE_ATTRS), validate, compute, body, shape,
                     doc=__doc__ or ""))
-SigeScatterGather = make_op_run(OP)
+
+
+class SigeScatterGather(SigeOpRun):
+    """onnx.reference implementation of SigeScatterGather (the numpy reference above)."""
+
+    op_def = OP

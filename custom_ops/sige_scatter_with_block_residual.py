@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (Body, OpDef, Shape, body_flatten_hw, body_scatter_positions, check_array,
-                      check_blocks_vs_base, check_indices, check_scatter_range, fail, make_op_run, need_rank,
+from ._common import (SigeOpRun, Body, OpDef, Shape, body_scatter_positions, check_array,
+                      check_blocks_vs_base, check_indices, check_scatter_range, fail, need_rank,
                       np_scatter_blocks, register, scatter_attrs)
 
 OP_TYPE = "SigeScatterWithBlockResidual"
@@ -47,15 +47,12 @@ def compute(blocks: np.ndarray, base: np.ndarray, indices: np.ndarray, shortcut_
 def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     blocks, base, indices, sc_blocks, sc_base, sc_indices = inputs
     assert None not in (blocks, base, indices, sc_blocks, sc_base, sc_indices)
-    sc_flat = body_flatten_hw(bd, sc_base)
     pos, vals = body_scatter_positions(bd, indices, blocks, base, attrs["offset"], attrs["stride"])
-    vals = bd.op("Add", vals, bd.op("GatherElements", sc_flat, pos, axis=2))
-    y = bd.op("ScatterElements", body_flatten_hw(bd, base), pos, vals, axis=2)
+    y = bd.op("ScatterND", base, pos, bd.op("Add", vals, bd.op("GatherND", sc_base, pos)))
     pos2, vals2 = body_scatter_positions(bd, sc_indices, sc_blocks, base, attrs["shortcut_offset"],
                                          attrs["shortcut_stride"])
-    vals2 = bd.op("Sub", vals2, bd.op("GatherElements", sc_flat, pos2, axis=2))
-    y = bd.op("ScatterElements", y, pos2, vals2, axis=2, reduction="add")
-    return bd.op("Reshape", y, bd.op("Shape", base), out="y")
+    vals2 = bd.op("Sub", vals2, bd.op("GatherND", sc_base, pos2))
+    return bd.op("ScatterND", y, pos2, vals2, reduction="add", out="y")
 
 
 def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
@@ -64,4 +61,9 @@ def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
 
 OP = register(OpDef(OP_TYPE, INPUTS, 6, (*scatter_attrs(), *scatter_attrs("shortcut_")), validate, compute,
                     body, shape, doc=__doc__ or ""))
-SigeScatterWithBlockResidual = make_op_run(OP)
+
+
+class SigeScatterWithBlockResidual(SigeOpRun):
+    """onnx.reference implementation of SigeScatterWithBlockResidual (the numpy reference above)."""
+
+    op_def = OP

@@ -6,9 +6,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._common import (BLOCK, PRE_ATTRS, AttrSpec, Body, OpDef, Shape, _positive, _stride_1_2, check_array,
+from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, AttrSpec, Body, OpDef, Shape, _positive, _stride_1_2, check_array,
                       check_broadcast, check_float, check_gather_range, check_indices, body_flatten_hw,
-                      body_gather_positions, body_pre_gather, dim_mul, fail, make_op_run, need_rank,
+                      body_gather_positions, body_pre_gather, dim_mul, fail, need_rank,
                       np_gather_blocks, np_pre, register)
 
 OP_TYPE = "SigeSparseConv2d"
@@ -71,7 +71,7 @@ def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     assert x is not None and indices is not None and weight is not None
     pos = body_gather_positions(bd, indices, x, attrs["block"])
     g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)
-    g = body_pre_gather(bd, g, pos, scale, shift, attrs, x, out=bd.fresh("gathered"))
+    g = body_pre_gather(bd, g, pos, scale, shift, attrs, out=bd.fresh("gathered"))
     conv_in = [g, weight] + ([bias] if bias is not None else [])
     return bd.op("Conv", *conv_in, out="y", strides=list(attrs["strides"]), group=attrs["group"],
                  pads=[0, 0, 0, 0])
@@ -88,4 +88,9 @@ def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:
 
 
 OP = register(OpDef(OP_TYPE, INPUTS, 3, ATTRS, validate, compute, body, shape, doc=__doc__ or ""))
-SigeSparseConv2d = make_op_run(OP)
+
+
+class SigeSparseConv2d(SigeOpRun):
+    """onnx.reference implementation of SigeSparseConv2d (the numpy reference above)."""
+
+    op_def = OP
