@@ -19,7 +19,8 @@ from onnx import helper
 from onnx.reference.op_run import OpRun
 
 from . import sige_gather, sige_scatter, sige_scatter_gather, sige_scatter_with_block_residual, sige_sparse_conv2d
-from ._common import DOMAIN, IR_VERSION, OPSET_VERSION, REGISTRY, Body, OpDef, attrs_from_node, normalise_attrs
+from ._common import (DOMAIN, IR_VERSION, ONNX_OPSET, OPSET_VERSION, REGISTRY, Body, OpDef, attrs_from_node,
+                      normalise_attrs)
 from ._common import overload_name as _overload_name
 from .sige_gather import SigeGather
 from .sige_scatter import SigeScatter
@@ -28,13 +29,14 @@ from .sige_scatter_with_block_residual import SigeScatterWithBlockResidual
 from .sige_sparse_conv2d import SigeSparseConv2d
 
 __all__ = [
-    "DOMAIN", "OPSET_VERSION", "OP_TYPES", "make_node", "function_for", "attach_functions", "reference_ops",
-    "infer_shape", "validate_inputs", "reference", "normalize_attrs", "overload_for",
+    "DOMAIN", "OPSET_VERSION", "OP_TYPES", "MIN_MODEL_OPSET", "make_node", "function_for", "attach_functions",
+    "reference_ops", "infer_shape", "validate_inputs", "reference", "normalize_attrs", "overload_for",
     "SigeGather", "SigeSparseConv2d", "SigeScatter", "SigeScatterGather", "SigeScatterWithBlockResidual",
 ]
 
 _MODULES = (sige_gather, sige_sparse_conv2d, sige_scatter, sige_scatter_gather, sige_scatter_with_block_residual)
 OP_TYPES: tuple[str, ...] = tuple(m.OP_TYPE for m in _MODULES)
+MIN_MODEL_OPSET = 17  # default-domain opset a model needs for the bodies (checked and run with 17..21)
 _OP_RUNS: tuple[type[OpRun], ...] = (SigeGather, SigeSparseConv2d, SigeScatter, SigeScatterGather,
                                      SigeScatterWithBlockResidual)
 
@@ -89,8 +91,12 @@ def make_node(op_type: str, inputs: Sequence[str | None], outputs: Sequence[str]
     return node
 
 
-def function_for(node: onnx.NodeProto) -> onnx.FunctionProto:
-    """The FunctionProto body (standard ONNX ops, opset 18) for ``node``'s attributes and inputs."""
+def function_for(node: onnx.NodeProto, onnx_opset: int = ONNX_OPSET) -> onnx.FunctionProto:
+    """The FunctionProto body (standard ONNX ops) for ``node``'s attributes and inputs.
+
+    The body is written for opset 18 and imports ``max(18, onnx_opset)`` (the ops it uses keep
+    their semantics in later versions), so it matches a model on a newer default opset.
+    """
     if node.domain != DOMAIN:
         raise ValueError(f"node {node.name!r} has domain {node.domain!r}, not {DOMAIN!r}")
     op = _op(node.op_type)
@@ -104,7 +110,8 @@ def function_for(node: onnx.NodeProto) -> onnx.FunctionProto:
     bd = Body()
     out = op.body(bd, [formal[i] if i < len(ins) and ins[i] else None for i in range(len(op.inputs))], attrs)
     assert out == op.outputs[0]
-    return bd.function(node.op_type, _overload_name(op.attrs, attrs, present), formal, out, doc=op.doc)
+    return bd.function(node.op_type, _overload_name(op.attrs, attrs, present), formal, out, doc=op.doc,
+                       opset=max(ONNX_OPSET, int(onnx_opset)))
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -112,15 +119,21 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Sets every such node's ``overload`` to the canonical name, replaces any ``ai.sige`` functions
     already present, adds the ``ai.sige`` v1 opset import and raises ``ir_version`` to >= 10.
-    Idempotent.
+    The bodies import the model's default-domain opset (at least 18; a model below 17 is rejected:
+    convert it with ``onnx.version_converter`` first). Idempotent.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    default = [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")]
+    if default and default[0] < MIN_MODEL_OPSET:
+        raise ValueError(f"attach_functions: the model imports default-domain opset {default[0]}; the ai.sige "
+                         f"function bodies need >= {MIN_MODEL_OPSET} (convert with onnx.version_converter)")
+    model_opset = default[0] if default else ONNX_OPSET
     funcs: dict[tuple[str, str], onnx.FunctionProto] = {}
     for node in out.graph.node:
         if node.domain != DOMAIN:
             continue
-        f = function_for(node)
+        f = function_for(node, model_opset)
         node.overload = f.overload
         funcs.setdefault((f.name, f.overload), f)
     kept = [f for f in out.functions if f.domain != DOMAIN]
@@ -130,7 +143,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, OPSET_VERSION))
     if not any(o.domain in ("", "ai.onnx") for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid("", 18))
+        out.opset_import.append(helper.make_opsetid("", ONNX_OPSET))
     out.ir_version = max(out.ir_version, IR_VERSION)
     return out
 

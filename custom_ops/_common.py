@@ -471,10 +471,10 @@ class Body:
         return self.op("Concat", *xs, axis=0)
 
     def function(self, op_type: str, overload: str, inputs: Sequence[str], output: str,
-                 doc: str = "") -> onnx.FunctionProto:
+                 doc: str = "", opset: int = ONNX_OPSET) -> onnx.FunctionProto:
         return helper.make_function(
             DOMAIN, op_type, list(inputs), [output], self.nodes,
-            opset_imports=[helper.make_opsetid("", ONNX_OPSET)], attributes=[], doc_string=doc,
+            opset_imports=[helper.make_opsetid("", opset)], attributes=[], doc_string=doc,
             overload=overload,
         )
 

@@ -308,3 +308,28 @@ def test_onnx_shape_inference_through_bodies() -> None:
                     for o in out]
             expect = want if not dynamic else [[None, *w[1:]] if k in (0, 1, 3) else w for k, w in enumerate(want)]
             assert dims == expect, (dynamic, prop)
+
+
+def test_attach_functions_follows_the_model_opset() -> None:
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(2).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    i = np.array([[-1, 3]], np.int32)
+    want = co.reference("SigeGather", x, i, block=3, activation="tanh")
+    for opset in (13, 17, 21):
+        graph = helper.make_graph(
+            [co.make_node("SigeGather", ["x", "i"], ["y"], block=3, activation="tanh")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5]),
+             helper.make_tensor_value_info("i", TensorProto.INT32, [1, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+        if opset < co.MIN_MODEL_OPSET:
+            import pytest
+
+            with pytest.raises(ValueError, match="opset 13.*need >= 17"):
+                co.attach_functions(model)
+            continue
+        model = co.attach_functions(model)
+        assert model.functions[0].opset_import[0].version == max(18, opset)
+        onnx.checker.check_model(model, full_check=True)
+        assert_close(run_onnxruntime(model, {"x": x, "i": i})[0], want, what=f"opset {opset}")
