@@ -3,7 +3,7 @@
     lib = compile_program(model, "host", {"x": (1, 64, 64, 64)})
     y = lib.run(x, indices)                  # in-process Relax VM
     lib.export_library("model.so")           # .so (host/x86/CUDA) | .tar of Mach-O objects (m1)
-    run_library("model.so", [x, indices])    # runtime only: tvm.runtime + Relax VM, no compiler
+    run_library("model.so", [x, indices])    # runtime only: tvm_ffi + libtvm_runtime.so, no compiler
 
 Pipeline: ``from_sige_onnx`` -> LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
 -> per-target schedule rules on every PrimFunc (``tvm_schedules.cpu`` / ``.cuda``) -> Relax VM
@@ -125,22 +125,79 @@ class CompiledLibrary:
             if path.suffix != ".so":
                 raise ValueError(f"target {self.target.name!r} exports a shared library: use a .so path, got {path}")
             self.executable.export_library(str(path))
+            if self.target.family == "cuda":
+                # TVM 0.27 embeds the CUDA source in the .so (JIT-compiled by NVRTC at load); the
+                # ahead-of-time cubin for the target arch is written next to it.
+                for k, data in enumerate(self.device_binaries("cubin")):
+                    path.with_suffix(f".{self.target.cuda_arch}.{k}.cubin").write_bytes(data)
         return path
 
-    def device_binaries(self) -> list[bytes]:
-        """CUDA only: the compiled device code (cubin) of each imported device module."""
-        out = []
-        for m in _imported_modules(self.executable.mod):
-            if m.kind in ("cuda",):
-                for fmt in ("cubin", "ptx", ""):
-                    try:
-                        data = m.inspect_source(fmt)
-                    except Exception:
-                        continue
-                    if data:
-                        out.append(data.encode("latin-1") if isinstance(data, str) else bytes(data))
-                        break
-        return out
+    def cuda_sources(self) -> list[str]:
+        """CUDA only: the CUDA C++ source of each device module (TVM 0.27 keeps device code as source)."""
+        return [m.inspect_source("cuda") for m in _imported_modules(self.executable.mod) if m.kind == "cuda"]
+
+    def device_binaries(self, fmt: str = "cubin") -> list[bytes]:
+        """CUDA only: device code compiled ahead of time with NVRTC for the target's arch
+        (``cubin``: ELF for exactly ``sm_XX``; ``ptx``: text with ``.target sm_XX``)."""
+        if self.target.family != "cuda":
+            return []
+        key = f"_dev_{fmt}"
+        if key not in self.__dict__:
+            arch = self.target.cuda_arch
+            self.__dict__[key] = [nvrtc_compile(src, arch, fmt) for src in self.cuda_sources()]
+        return self.__dict__[key]
+
+def _pip_cuda_root() -> str | None:
+    """A CUDA_PATH-shaped directory assembled from the PyPI header packages (nvidia-cuda-runtime-cu12,
+    nvidia-cuda-cccl-cu12, nvidia-cuda-nvrtc-cu12), for TVM's NVRTC driver; None if they are missing."""
+    import importlib.util
+    import platform
+    import tempfile
+
+    dirs = {}
+    for pkg in ("cuda_runtime", "cuda_cccl", "cuda_nvrtc"):
+        spec = importlib.util.find_spec(f"nvidia.{pkg}")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        dirs[pkg] = Path(list(spec.submodule_search_locations)[0]) / "include"
+    if not (dirs["cuda_runtime"] / "cuda_runtime.h").is_file():
+        return None
+    root = Path(tempfile.gettempdir()) / f"sige-export-cuda-{os.getuid()}"
+    inc = root / "include"
+    tinc = root / "targets" / f"{platform.machine()}-{platform.system().lower()}" / "include"
+    inc.mkdir(parents=True, exist_ok=True)
+    tinc.mkdir(parents=True, exist_ok=True)
+    for pkg in ("cuda_runtime", "cuda_nvrtc"):
+        for f in dirs[pkg].iterdir():
+            link = inc / f.name
+            if not link.exists():
+                try:
+                    link.symlink_to(f)
+                except FileExistsError:
+                    pass
+    cccl = tinc / "cccl"
+    if not cccl.exists():
+        try:
+            cccl.symlink_to(dirs["cuda_cccl"])
+        except FileExistsError:
+            pass
+    return str(root)
+
+
+def nvrtc_compile(source: str, arch: str, fmt: str = "cubin") -> bytes:
+    """Compile TVM-generated CUDA C++ with NVRTC (cuda-bindings) to ``cubin``/``ptx`` for ``arch``."""
+    from tvm.support import nvcc
+
+    env_before = os.environ.get("CUDA_PATH")
+    if env_before is None:
+        root = _pip_cuda_root()
+        if root is not None:
+            os.environ["CUDA_PATH"] = root
+    try:
+        return bytes(nvcc.compile_cuda(source, target_format=fmt, arch=arch, compiler="nvrtc"))
+    finally:
+        if env_before is None:
+            os.environ.pop("CUDA_PATH", None)
 
 
 def _imported_modules(mod):
@@ -216,19 +273,58 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
 
 
 # -- runtime-only loading ----------------------------------------------------------------------------
-def load_library(path: str | os.PathLike, device: str = "cpu"):
-    """Load an exported ``.so`` with the TVM runtime only and return a Relax VM."""
-    import tvm
-    from tvm.runtime import load_module
-    from tvm.runtime.vm import VirtualMachine
+_KDL_CPU, _KDL_CUDA = 1, 2
+_POOLED = 2
 
-    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-    return VirtualMachine(load_module(str(path)), dev), dev
+
+def _load_tvm_runtime():
+    """dlopen libtvm_runtime.so (RTLD_GLOBAL) without importing the ``tvm`` compiler package."""
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the TVM runtime (libtvm_runtime.so from apache-tvm) is not installed")
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libtvm_runtime.so"
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
+class LoadedLibrary:
+    """A Relax VM over an exported ``.so``, driven through tvm_ffi only (no ``import tvm``)."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        import tvm_ffi
+
+        _load_tvm_runtime()
+        self._ffi = tvm_ffi
+        self.module = tvm_ffi.load_module(str(path))
+        self.vm = self.module["vm_load_executable"]()
+        dev_type = _KDL_CUDA if device == "cuda" else _KDL_CPU
+        init = [dev_type, 0, _POOLED] + ([_KDL_CPU, 0, _POOLED] if dev_type != _KDL_CPU else [])
+        self.vm["vm_initialization"](*init)
+        self.device = tvm_ffi.device("cuda" if device == "cuda" else "cpu", 0)
+
+    def __call__(self, *inputs: np.ndarray):
+        args = [self._ffi.from_dlpack(np.ascontiguousarray(a)) for a in inputs]
+        if self.device.dlpack_device_type() != _KDL_CPU:
+            raise NotImplementedError("copying inputs to the GPU is left to sige_export.runtime")
+        out = self.vm["main"](*args)
+        return _ffi_to_numpy(out)
+
+
+def _ffi_to_numpy(out):
+    if hasattr(out, "__dlpack__"):
+        return np.from_dlpack(out).copy()
+    return [_ffi_to_numpy(o) for o in out]
+
+
+def load_library(path: str | os.PathLike, device: str = "cpu") -> LoadedLibrary:
+    """Load an exported ``.so`` with tvm_ffi + libtvm_runtime.so only; call it with numpy arrays."""
+    return LoadedLibrary(path, device)
 
 
 def run_library(path: str | os.PathLike, inputs: Sequence[np.ndarray], device: str = "cpu"):
-    vm, dev = load_library(path, device)
-    return _run_vm(vm, dev, inputs)
+    return load_library(path, device)(*inputs)
 
 
 # -- artifact inspection -------------------------------------------------------------------------------

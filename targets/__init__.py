@@ -23,7 +23,8 @@ _DIR = Path(__file__).resolve().parent
 FAMILIES = ("cuda", "x86", "arm", "host", "onnx")
 _REQUIRED = ("name", "description", "family", "tvm_target", "produces", "toolchain")
 
-NVRTC_INSTALL_HINT = "pip install nvidia-cuda-nvrtc-cu12 cuda-bindings  (or: pip install 'sige-export[cuda]')"
+NVRTC_INSTALL_HINT = ("pip install nvidia-cuda-nvrtc-cu12 cuda-bindings nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12"
+                      "  (or: pip install 'sige-export[cuda]')")
 
 
 class ToolchainError(RuntimeError):
@@ -86,8 +87,9 @@ class TargetSpec:
         missing = self.missing_toolchain()
         if missing:
             raise ToolchainError(
-                f"target {self.name!r} needs NVRTC (CUDA runtime compiler) via cuda-bindings to compile "
-                f"CUDA kernels to cubin, which is not available here. Install it with:\n    {NVRTC_INSTALL_HINT}"
+                f"target {self.name!r} needs NVRTC (CUDA runtime compiler, via cuda-bindings) and the CUDA "
+                f"runtime/CCCL headers to compile CUDA kernels to cubin; not available here. Install them "
+                f"with:\n    {NVRTC_INSTALL_HINT}"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -109,9 +111,15 @@ def _nvrtc_available() -> bool:
         from cuda.bindings import nvrtc  # noqa: F401
 
         err, _major, _minor = nvrtc.nvrtcVersion()
-        return int(err) == 0
+        if int(err) != 0:
+            return False
     except Exception:  # ImportError, missing libnvrtc.so, ...
         return False
+    # TVM's generated CUDA includes the CUDA runtime and CCCL headers: a toolkit (CUDA_PATH / nvcc)
+    # or the PyPI header packages.
+    if os.environ.get("CUDA_PATH") and os.path.isfile(os.path.join(os.environ["CUDA_PATH"], "include", "cuda_runtime.h")):
+        return True
+    return all(importlib.util.find_spec(f"nvidia.{p}") is not None for p in ("cuda_runtime", "cuda_cccl"))
 
 
 # -- host detection ---------------------------------------------------------------------------

@@ -78,6 +78,6 @@ def test_host_detection():
 def test_check_toolchain_message(monkeypatch):
     spec = get("rtx3090")
     monkeypatch.setattr(targets, "_nvrtc_available", lambda: False)
-    with pytest.raises(targets.ToolchainError, match="pip install nvidia-cuda-nvrtc-cu12 cuda-bindings"):
+    with pytest.raises(targets.ToolchainError, match="pip install nvidia-cuda-nvrtc-cu12 cuda-bindings nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12"):
         spec.check_toolchain()
     get("host").check_toolchain()  # CPU targets need nothing extra
