@@ -1,0 +1,66 @@
+"""CLI: `sige-export zoo --json`, dispatch between subcommands and the default export command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from sige_export import cli, zoo
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGE_EXPORT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_zoo_json_lists_all_entries_with_macs(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli.app, ["zoo", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert sorted(d["name"] for d in data) == zoo.names()
+    for d in data:
+        assert d["macs"] > 0 and d["params"] > 0 and d["inputs"]
+        assert all(i["name"] and all(s > 0 for s in i["shape"]) for i in d["inputs"])
+    gaugan = next(d for d in data if d["name"] == "gaugan-cityscapes")
+    assert gaugan["inputs"] == [{"name": "segmap", "shape": [1, 36, 256, 512], "dtype": "float32"}]
+    assert round(gaugan["macs"] / 1e9) == 281
+    assert list((tmp_path / "cache").glob("zoo-gaugan-cityscapes-*.json"))  # cached
+    again = json.loads(CliRunner().invoke(cli.app, ["zoo", "--json"]).stdout)
+    assert again == data
+
+
+def test_zoo_table() -> None:
+    res = CliRunner().invoke(cli.app, ["zoo"])
+    assert res.exit_code == 0 and "gancomp-gaugan" in res.stdout and "31.16G" in res.stdout
+
+
+def test_main_dispatch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "zoo" in cli.subcommand_names()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["zoo", "--json"])
+    assert e.value.code == 0
+    assert {d["name"] for d in json.loads(capsys.readouterr().out)} == set(zoo.names())
+
+    out = tmp_path / "g.onnx"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gancomp-gaugan", "--size", "tiny", "--target", "dense-onnx", "-o", str(out)])
+    assert e.value.code == 0
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["segmap"]
+
+
+def test_unknown_target_lists_known(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli.export_app, ["gaugan-cityscapes", "--target", "nope", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2
+    assert "dense-onnx" in res.output and "nope" in res.output
+    with pytest.raises(cli.CliError, match="known targets: dense-onnx"):
+        cli.export("gaugan-cityscapes", "nope", tmp_path / "x")
+
+
+def test_export_errors_are_clean(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli.export_app, [str(tmp_path / "missing.onnx"), "--target", "dense-onnx",
+                                              "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
