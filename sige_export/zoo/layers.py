@@ -122,7 +122,9 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_conv:
-            return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+            # (0, 1, 0, 1) spelled for all four dims: the TorchScript exporter then builds the ONNX pads from
+            # an empty ConstantOfShape, which constant folding removes, leaving a Pad with constant pads.
+            return self.conv(F.pad(x, (0, 1, 0, 1, 0, 0, 0, 0), mode="constant", value=0.0))
         return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
