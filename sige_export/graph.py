@@ -169,7 +169,7 @@ def extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str], name:
     return out
 
 
-def fold_constants(model: onnx.ModelProto, max_rounds: int = 8) -> onnx.ModelProto:
+def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelProto:
     """Evaluate nodes whose inputs are all constant (and Shape of statically shaped tensors) into initializers.
 
     Exporters compute pads, scales and reshape targets with small subgraphs that ONNX shape

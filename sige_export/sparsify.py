@@ -405,10 +405,10 @@ class SparsifyResult:
 
 
 class _Sparsifier:
-    def __init__(self, dense: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str]) -> None:
+    def __init__(self, prepared: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str]) -> None:
         self.opts = options
-        self.model = fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET)))
-        _check_static(self.model)
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(prepared)
         self.info = GraphInfo.build(self.model)
         self.ops = canonical_ops(self.info)
         used = {t for n in self.model.graph.node for t in list(n.input) + list(n.output)}
@@ -849,13 +849,15 @@ def _check_static(model: onnx.ModelProto) -> None:
 def sparsify(dense: onnx.ModelProto, options: SparsifyOptions | None = None) -> SparsifyResult:
     """Build the SIGE program (prime + edit in one graph) from a dense ONNX model with static shapes."""
     options = options or SparsifyOptions()
+    _check_static(dense)
+    prepared = fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET)))
     # Pass 1 learns which pending scatters get materialised anyway; pass 2 skips fusing those
     # into ScatterGather (the full tensor exists, so a plain sparse conv over it is cheaper).
-    first = _Sparsifier(dense, options, set())
+    first = _Sparsifier(prepared, options, set())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first.run()
-    s = _Sparsifier(dense, options, first.materialized_pending)
+    s = _Sparsifier(prepared, options, first.materialized_pending)
     s.run()
     if not s.sparse_convs:
         raise SparsifyError("the model has no convolution on the editable input's spatial path that can be "
