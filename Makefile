@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,cuda,rpc]'
 	touch $(STAMP)
 
 install: $(STAMP)

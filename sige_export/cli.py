@@ -68,11 +68,6 @@ def check_target(target: str) -> str:
     return target
 
 
-# Later pipeline stages plug in here: ``STAGES["sparsify"] = fn(dense_onnx, options) -> sige_onnx``,
-# ``STAGES["lower"] = fn(sige_onnx, target, output, options) -> path``.
-STAGES: dict[str, Callable[..., Any]] = {}
-
-
 @dataclass
 class ExportOptions:
     block_size: Optional[int] = None
@@ -82,20 +77,46 @@ class ExportOptions:
     size: str = "full"
     seed: int = 0
 
+    def sparsify_options(self) -> Any:
+        from .sparsify import SparsifyOptions  # noqa: PLC0415
 
-def export(model: str, target: str, output: str | os.PathLike, *, arch: Optional[str] = None,
+        kw: dict[str, Any] = {"norm_stats": self.norm_stats}
+        if self.block_size is not None:
+            kw["block_size"] = self.block_size
+        if self.sparse_min_res is not None:
+            kw["sparse_min_res"] = self.sparse_min_res
+        return SparsifyOptions(**kw)
+
+
+def default_output(model: str, target: str) -> Path:
+    stem = Path(model).stem if Path(model).suffix else model
+    if target == DENSE_ONNX:
+        return Path(f"{stem}.dense.onnx")
+    if target == "onnx":
+        return Path(f"{stem}.sige.onnx")
+    return Path(f"{stem}.{target}.sige")
+
+
+def export(model: str, target: str, output: str | os.PathLike | None = None, *, arch: Optional[str] = None,
            input_shape: Sequence[str] | dict | None = None, trust_pickle: bool = False,
            options: Optional[ExportOptions] = None, log: Callable[[str], None] = lambda s: None) -> Path:
-    """Run the pipeline for ``model`` up to ``target`` and write the result to ``output``."""
+    """Run the pipeline for ``model`` up to ``target`` and write the result to ``output``.
+
+    load -> dense ONNX -> (dense-onnx) | sparsify -> SIGE ONNX -> (onnx) | TVM lowering -> artifact.
+    """
     from . import frontend  # noqa: PLC0415 - heavy imports only when exporting
+    from .sparsify import SparsifyError, sparsify  # noqa: PLC0415
 
     options = options or ExportOptions()
     check_target(target)
-    output = Path(output)
-    sparsify, lower = STAGES.get("sparsify"), STAGES.get("lower")
-    if target != DENSE_ONNX and (sparsify is None or lower is None):
-        raise CliError(f"target {target!r} needs the sparsifier and TVM lowering stages, which are not "
-                       f"installed in this build; use --target {DENSE_ONNX} for the dense ONNX")
+    output = Path(output) if output is not None else default_output(model, target)
+    if target not in (DENSE_ONNX, "onnx"):
+        from .targets import ToolchainError, get  # noqa: PLC0415
+
+        try:
+            get(target).check_toolchain()
+        except ToolchainError as e:
+            raise CliError(str(e)) from None
     try:
         loaded = frontend.load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
                                      size=options.size, seed=options.seed)
@@ -108,8 +129,21 @@ def export(model: str, target: str, output: str | os.PathLike, *, arch: Optional
     if target == DENSE_ONNX:
         frontend.save_onnx(dense, output)
         return output
-    sige = sparsify(dense, options)
-    return Path(lower(sige, target, output, options))
+    try:
+        result = sparsify(dense, options.sparsify_options())
+    except SparsifyError as e:
+        raise CliError(str(e)) from None
+    m = result.manifest
+    log(f"SIGE program: {len(m['sparse_convs'])} sparse convolutions, {len(m['indices'])} block grids, "
+        f"{len(m['caches'])} caches, {len(m['dense_islands'])} dense ops")
+    from .program import SigeProgram  # noqa: PLC0415
+
+    program = SigeProgram(result.model, m)
+    if target == "onnx":
+        return program.save(output)
+    from .artifact import build_artifact  # noqa: PLC0415
+
+    return build_artifact(program, target, output, log=log)
 
 
 @export_app.command(help="Export MODEL (zoo name or .pt/.pth/.ckpt/.pt2/.onnx file) for --target. "
@@ -117,7 +151,8 @@ def export(model: str, target: str, output: str | os.PathLike, *, arch: Optional
 def export_command(
     model: str = typer.Argument(..., help="zoo name (see 'sige-export zoo') or model file"),
     target: str = typer.Option(..., "--target", "-t", help=f"target ({DENSE_ONNX}, or a hardware target)"),
-    output: Path = typer.Option(..., "--output", "-o", help="output path"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="output path (default: MODEL.TARGET.sige, MODEL.sige.onnx)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="zoo architecture of a state-dict checkpoint"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape",
                                                     help="static input shape NAME=1x3x256x256 (repeatable)"),
