@@ -129,7 +129,8 @@ class BlockConfig:
     """Snapped block geometry of one conv (all ``(h, w)``).
 
     ``block``: input block; ``block_stride``: distance between input blocks; ``out_block``: output
-    block; ``offset``: scatter offset (= padding). ``kernel``, ``stride``, ``padding``: the conv's.
+    block; ``offset``: scatter offset (= top/left padding). ``kernel``, ``stride``, ``padding``: the
+    conv's, padding as (top, left, bottom, right) since exporters fold asymmetric pads into convs.
     """
 
     block: tuple[int, int]
@@ -138,19 +139,32 @@ class BlockConfig:
     offset: tuple[int, int]
     kernel: tuple[int, int]
     stride: tuple[int, int]
-    padding: tuple[int, int]
+    padding: tuple[int, int, int, int]
 
     def out_hw(self, in_hw: IntPair) -> tuple[int, int]:
         """The conv's output size for input ``in_hw``."""
         H, W = _pair(in_hw, "in_hw")
-        return tuple((n + 2 * p - k) // s + 1  # type: ignore[return-value]
-                     for n, p, k, s in zip((H, W), self.padding, self.kernel, self.stride))
+        pt, pl, pb, pr = self.padding
+        return tuple((n + p0 + p1 - k) // s + 1  # type: ignore[return-value]
+                     for n, p0, p1, k, s in zip((H, W), (pt, pl), (pb, pr), self.kernel, self.stride))
 
 
-def snap_block(block: IntPair, kernel: IntPair, stride: IntPair = 1, padding: IntPair = 0) -> BlockConfig:
+def _pads4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
+    if isinstance(padding, (int, np.integer)):
+        return (int(padding),) * 4
+    p = tuple(int(v) for v in padding)
+    if len(p) == 2:
+        return (p[0], p[1], p[0], p[1])
+    if len(p) == 4:
+        return p  # type: ignore[return-value]
+    raise ValueError(f"padding must be an int, (h, w) or (top, left, bottom, right), got {padding!r}")
+
+
+def snap_block(block: IntPair, kernel: IntPair, stride: IntPair = 1,
+               padding: int | Sequence[int] = 0) -> BlockConfig:
     """Snap a requested block size to the conv: ``n = (b-k)//s``, input ``n*s+k``, stride ``(n+1)*s``."""
-    b, k, s, p = (_pair(v, name) for v, name in
-                  ((block, "block"), (kernel, "kernel"), (stride, "stride"), (padding, "padding")))
+    b, k, s = (_pair(v, name) for v, name in ((block, "block"), (kernel, "kernel"), (stride, "stride")))
+    p = _pads4(padding)
     if min(k) < 1 or min(s) < 1 or min(p) < 0:
         raise ValueError(f"snap_block: bad conv geometry kernel={k}, stride={s}, padding={p}")
     if b[0] < k[0] or b[1] < k[1]:
@@ -160,7 +174,7 @@ def snap_block(block: IntPair, kernel: IntPair, stride: IntPair = 1, padding: In
         block=(n[0] * s[0] + k[0], n[1] * s[1] + k[1]),
         block_stride=((n[0] + 1) * s[0], (n[1] + 1) * s[1]),
         out_block=(n[0] + 1, n[1] + 1),
-        offset=p,
+        offset=(p[0], p[1]),
         kernel=k,
         stride=s,
         padding=p,

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .graph import extract
+from .mask import BlockConfig, all_block_indices, block_indices
 from .sparsify import MANIFEST_KEY
 
 
@@ -77,33 +78,18 @@ def write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
+def grid_config(grid: dict) -> BlockConfig:
+    """The block geometry of a manifest index entry."""
+    return BlockConfig(block=tuple(grid["block"]), block_stride=tuple(grid["block_stride"]),
+                       out_block=tuple(grid["out_block"]), offset=tuple(grid["offset"]),
+                       kernel=tuple(grid["kernel"]), stride=tuple(grid["stride"]), padding=tuple(grid["pads"]))
+
+
 def grid_indices(mask: np.ndarray, grid: dict) -> np.ndarray:
-    """Active block top-lefts (int32 [N, 2]) of a block grid (manifest entry) for a boolean mask at its resolution."""
-    h, w = grid["resolution"]
-    if mask.shape != (h, w):
-        raise ValueError(f"mask of shape {mask.shape} does not match the grid resolution {(h, w)}")
-    bh, bw = grid["block"]
-    sh, sw = grid["block_stride"]
-    oh, ow = grid["out_block"]
-    ho, wo = grid["out_resolution"]
-    pt, pl = grid["offset"]
-    nh = -(-ho // oh)
-    nw = -(-wo // ow)
-    tops = -pt + sh * np.arange(nh)
-    lefts = -pl + sw * np.arange(nw)
-    # Integral image: any mask pixel inside the block's input window, clipped to the image.
-    ii = np.zeros((h + 1, w + 1), np.int64)
-    ii[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), 0), 1)
-    r0 = np.clip(tops, 0, h)
-    r1 = np.clip(tops + bh, 0, h)
-    c0 = np.clip(lefts, 0, w)
-    c1 = np.clip(lefts + bw, 0, w)
-    counts = ii[r1][:, c1] - ii[r0][:, c1] - ii[r1][:, c0] + ii[r0][:, c0]
-    ii_, jj = np.nonzero(counts > 0)
-    return np.stack([tops[ii_], lefts[jj]], axis=1).astype(np.int32).reshape(-1, 2)
+    """Active block top-lefts (int32 [N, 2]) of a manifest index entry for a boolean mask at its resolution."""
+    return block_indices(mask, grid_config(grid), tuple(grid["resolution"]))
 
 
 def all_grid_indices(grid: dict) -> np.ndarray:
-    """Every block of a grid (the edit equals dense when inputs differ everywhere)."""
-    h, w = grid["resolution"]
-    return grid_indices(np.ones((h, w), bool), grid)
+    """Every block of a grid (the edit then equals dense where statistics are exact)."""
+    return all_block_indices(grid_config(grid), tuple(grid["resolution"]))

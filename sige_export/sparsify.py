@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import SIGE_DOMAIN
+from .mask import BlockConfig, snap_block
 from .graph import GraphInfo, attrs_of, constants_to_initializers, fold_constants, topological_nodes
 
 log = logging.getLogger(__name__)
@@ -283,48 +284,28 @@ def _match_gelu(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
 
 @dataclass(frozen=True)
 class BlockGrid:
-    """A sparse conv's block grid on its input resolution (the paper's block snapping)."""
+    """A sparse conv's block grid: its input resolution and the snapped block geometry."""
 
     in_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
-    block: tuple[int, int]  # input block
-    block_stride: tuple[int, int]
-    out_block: tuple[int, int]
+    config: BlockConfig
 
     @property
-    def offset(self) -> tuple[int, int]:
-        return (self.pads[0], self.pads[1])
+    def out_hw(self) -> tuple[int, int]:
+        return self.config.out_hw(self.in_hw)
 
     def key(self) -> str:
+        c = self.config
         h, w = self.in_hw
-        return (f"{h}x{w}/k{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}x{self.stride[1]}"
-                f"p{'_'.join(map(str, self.pads))}b{self.block[0]}x{self.block[1]}")
+        return (f"{h}x{w}/k{c.kernel[0]}x{c.kernel[1]}s{c.stride[0]}x{c.stride[1]}"
+                f"p{'_'.join(map(str, c.padding))}b{c.block[0]}x{c.block[1]}")
 
     def to_json(self) -> dict:
+        c = self.config
         return {
-            "resolution": list(self.in_hw), "out_resolution": list(self.out_hw), "kernel": list(self.kernel),
-            "stride": list(self.stride), "pads": list(self.pads), "block": list(self.block),
-            "block_stride": list(self.block_stride), "out_block": list(self.out_block),
-            "offset": list(self.offset),
+            "resolution": list(self.in_hw), "out_resolution": list(self.out_hw), "kernel": list(c.kernel),
+            "stride": list(c.stride), "pads": list(c.padding), "block": list(c.block),
+            "block_stride": list(c.block_stride), "out_block": list(c.out_block), "offset": list(c.offset),
         }
-
-
-def snap_grid(in_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
-              pads: tuple[int, int, int, int], requested: int) -> BlockGrid:
-    """Block snapping: n = (b - k) // s, input block n*s + k, block stride (n+1)*s, output block n+1."""
-    blocks, bstrides, oblocks = [], [], []
-    for k, s in zip(kernel, stride):
-        b = max(requested, k)
-        n = (b - k) // s
-        blocks.append(n * s + k)
-        bstrides.append((n + 1) * s)
-        oblocks.append(n + 1)
-    out_hw = tuple((in_hw[i] + pads[i] + pads[i + 2] - kernel[i]) // stride[i] + 1 for i in range(2))
-    return BlockGrid(tuple(in_hw), out_hw, tuple(kernel), tuple(stride), tuple(pads), tuple(blocks),
-                     tuple(bstrides), tuple(oblocks))
 
 
 @dataclass(frozen=True)
@@ -492,7 +473,7 @@ class _Sparsifier:
             self.materialized_pending.add(p.blocks)
             ins = [p.blocks, p.base, p.indices] + ([p.residual] if p.residual else [])
             self.scattered[p] = self.b.sige("SigeScatter", ins, EDIT_PREFIX + "scatter",
-                                            offset=list(p.grid.offset), stride=list(p.grid.stride))
+                                            offset=list(p.grid.config.offset), stride=list(p.grid.config.stride))
         return self.scattered[p]
 
     def _activation(self, x: str, act: str, alpha: float) -> str:
@@ -611,7 +592,8 @@ class _Sparsifier:
         stride = tuple(a.get("strides", [1, 1]))
         pads = tuple(a.get("pads", [0, 0, 0, 0]))
         requested = self.opts.block_size_1x1 if kernel == (1, 1) else self.opts.block_size
-        grid = snap_grid((xs[2], xs[3]), kernel, stride, pads, requested)
+        requested = (max(requested, kernel[0]), max(requested, kernel[1]))
+        grid = BlockGrid((xs[2], xs[3]), snap_block(requested, kernel, stride, pads))
         idx = self._indices(grid)
         group = int(a.get("group", 1))
         rep = self.reps[x]
@@ -628,7 +610,7 @@ class _Sparsifier:
             smap = self._scatter_map(p)
             gathered = self.b.sige("SigeScatterGather",
                                    [p.blocks, p.base, smap, idx, rep.scale or "", rep.shift or ""],
-                                   EDIT_PREFIX + "scatter_gather", block=list(grid.block), **pre)
+                                   EDIT_PREFIX + "scatter_gather", block=list(grid.config.block), **pre)
             blocks = self.b.node("Conv", [gathered, op.inputs[1]] + bias, EDIT_PREFIX + "conv_blocks",
                                  kernel_shape=list(kernel), strides=list(stride), group=group, pads=[0, 0, 0, 0])
         else:
@@ -637,7 +619,7 @@ class _Sparsifier:
                 self.reps[x] = replace(rep, full=base, pending=None)
             blocks = self.b.sige("SigeSparseConv2d", [base, idx, op.inputs[1]] + (bias or [""])
                                  + [rep.scale or "", rep.shift or ""],
-                                 EDIT_PREFIX + "sparse_conv", block=list(grid.block), strides=list(stride),
+                                 EDIT_PREFIX + "sparse_conv", block=list(grid.config.block), strides=list(stride),
                                  group=group, **pre)
         self.sparse_convs.append(op.name)
         self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid))
@@ -663,14 +645,14 @@ class _Sparsifier:
             pb = rb.pending is not None and rb.full is None and rb.plain and rb.pending.residual is None
             if pa and pb and ra.pending.grid != rb.pending.grid and ra.pending.grid.out_hw == rb.pending.grid.out_hw:
                 main, sc = (ra.pending, rb.pending)
-                if main.grid.kernel < sc.grid.kernel:
+                if main.grid.config.kernel < sc.grid.config.kernel:
                     main, sc = sc, main
                 self.materialized_pending.update({main.blocks, sc.blocks})
                 out = self.b.sige("SigeScatterWithBlockResidual",
                                   [main.blocks, self.cache(op.output), main.indices, sc.blocks, sc.base, sc.indices],
-                                  EDIT_PREFIX + "scatter_block_residual", offset=list(main.grid.offset),
-                                  stride=list(main.grid.stride), shortcut_offset=list(sc.grid.offset),
-                                  shortcut_stride=list(sc.grid.stride))
+                                  EDIT_PREFIX + "scatter_block_residual", offset=list(main.grid.config.offset),
+                                  stride=list(main.grid.config.stride), shortcut_offset=list(sc.grid.config.offset),
+                                  shortcut_stride=list(sc.grid.config.stride))
                 self.reps[op.output] = Rep(full=out)
                 return True
             for main_rep, other in ((ra, b), (rb, a)):

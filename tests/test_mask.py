@@ -102,7 +102,7 @@ def test_mask_pyramid() -> None:
 def test_snap_block_rule(b: int, k: int, s: int, p: int, block: int, stride: int, out: int) -> None:
     cfg = snap_block(b, k, s, p)
     assert cfg == BlockConfig(block=(block, block), block_stride=(stride, stride), out_block=(out, out),
-                              offset=(p, p), kernel=(k, k), stride=(s, s), padding=(p, p))
+                              offset=(p, p), kernel=(k, k), stride=(s, s), padding=(p, p, p, p))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.block = (1, 1)  # type: ignore[misc]
 
