@@ -250,6 +250,29 @@ def _compute_zoo_info(entry: Any) -> dict[str, Any]:
     }
 
 
+@app.command("targets", help="List the export targets and what each produces.")
+def targets_command(json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    from . import targets as _targets  # noqa: PLC0415
+
+    specs = [_targets.get(n) for n in _targets.list_targets()]
+    rows = [{"name": DENSE_ONNX, "family": "onnx", "description": "the dense model as ONNX (no sparsity)",
+             "produces": "ONNX file", "toolchain": []}]
+    for t in specs:
+        rows.append({"name": t.name, "family": t.family, "description": t.description, "produces": t.produces,
+                     "toolchain": list(t.toolchain), "missing": t.missing_toolchain() if t.compiles else []})
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="sige-export targets")
+    for col in ("target", "family", "device", "produces", "toolchain here"):
+        table.add_column(col)
+    for r in rows:
+        missing = r.get("missing") or []
+        table.add_row(r["name"], r["family"], r["description"], r["produces"],
+                      "[red]missing: " + ", ".join(missing) + "[/red]" if missing else "ok")
+    Console().print(table)
+
+
 @app.command("zoo", help="List the model zoo with input shapes and dense MACs of the full models.")
 def zoo_command(
     as_json: bool = typer.Option(False, "--json", help="print JSON (a list of objects)"),

@@ -64,3 +64,40 @@ def test_export_errors_are_clean(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.export_app, [str(tmp_path / "missing.onnx"), "--target", "dense-onnx",
                                               "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_targets_lists_every_target(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["targets", "--json"])
+    assert e.value.code == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"dense-onnx", "onnx", "host", "m1", "core-i9", "rtx3090", "rtx2080ti", "h100"} <= set(rows)
+    assert "Mach-O" in rows["m1"]["produces"]
+
+
+def test_export_portable_program(tmp_path: Path) -> None:
+    from sige_export.program import SigeProgram
+
+    out = tmp_path / "prog.onnx"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gaugan-cityscapes", "--size", "tiny", "--target", "onnx", "-o", str(out), "--block-size", "8"])
+    assert e.value.code == 0
+    program = SigeProgram.load(out)
+    onnx.checker.check_model(program.model, full_check=True)
+    assert program.manifest["options"]["block_size"] == 8
+    assert any(n.domain == "ai.sige" for n in program.model.graph.node)
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_model_without_convolutions_is_a_clean_error(tmp_path: Path) -> None:
+    import torch
+
+    class NoConv(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    path = tmp_path / "noconv.pt"
+    torch.jit.save(torch.jit.trace(NoConv(), torch.randn(1, 3, 16, 16)), str(path))
+    res = CliRunner().invoke(cli.export_app, [str(path), "--target", "onnx", "-o", str(tmp_path / "p.onnx"),
+                                              "--input-shape", "x=1x3x16x16"])
+    assert res.exit_code == 2 and "convolution" in res.output and "Traceback" not in res.output
