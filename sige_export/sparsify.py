@@ -325,6 +325,9 @@ class Rep:
 
     full: str | None = None
     pending: Pending | None = None
+    # A channel concat not materialised: (dense tensor, channels) per part; a conv over it is the
+    # sum of convs over the parts with sliced weights, so skip connections are never copied.
+    parts: tuple[tuple[str, int], ...] | None = None
     scale: str | None = None  # [B|1, C, 1, 1]
     shift: str | None = None
     act: str | None = None
@@ -467,6 +470,8 @@ class _Sparsifier:
     def _materialize_base(self, rep: Rep) -> str:
         if rep.full is not None:
             return rep.full
+        if rep.parts is not None:
+            return self.b.node("Concat", [self.full(t) for t, _ in rep.parts], EDIT_PREFIX + "concat", axis=1)
         p = rep.pending
         assert p is not None
         if p not in self.scattered:
@@ -596,33 +601,95 @@ class _Sparsifier:
         grid = BlockGrid((xs[2], xs[3]), snap_block(requested, kernel, stride, pads))
         idx = self._indices(grid)
         group = int(a.get("group", 1))
+        bias = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] else None
         rep = self.reps[x]
-        bias = [op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else []
-        pre = {}
-        if rep.act is not None:
-            pre["activation"] = rep.act
-            if rep.act == "leaky_relu":
-                pre["alpha"] = float(rep.alpha)
-        fusable = (rep.pending is not None and rep.full is None and rep.pending.residual is None
-                   and rep.pending.blocks not in self.forbid_fusion)
-        if fusable:
-            p = rep.pending
-            smap = self._scatter_map(p)
-            gathered = self.b.sige("SigeScatterGather",
-                                   [p.blocks, p.base, smap, idx, rep.scale or "", rep.shift or ""],
-                                   EDIT_PREFIX + "scatter_gather", block=list(grid.config.block), **pre)
-            blocks = self.b.node("Conv", [gathered, op.inputs[1]] + bias, EDIT_PREFIX + "conv_blocks",
-                                 kernel_shape=list(kernel), strides=list(stride), group=group, pads=[0, 0, 0, 0])
+        if rep.parts is not None and group == 1:
+            blocks = self._concat_conv_blocks(rep, op.inputs[1], bias, grid, idx)
         else:
-            base = self._materialize_base(rep)
-            if rep.pending is not None:
-                self.reps[x] = replace(rep, full=base, pending=None)
-            blocks = self.b.sige("SigeSparseConv2d", [base, idx, op.inputs[1]] + (bias or [""])
-                                 + [rep.scale or "", rep.shift or ""],
-                                 EDIT_PREFIX + "sparse_conv", block=list(grid.config.block), strides=list(stride),
-                                 group=group, **pre)
+            blocks = self._conv_blocks(x, rep, op.inputs[1], bias, grid, idx, group)
         self.sparse_convs.append(op.name)
         self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid))
+        return True
+
+    def _pre_attrs(self, rep: Rep) -> dict:
+        if rep.act is None:
+            return {}
+        return {"activation": rep.act, **({"alpha": float(rep.alpha)} if rep.act == "leaky_relu" else {})}
+
+    def _fusable(self, rep: Rep) -> bool:
+        """Pending blocks whose full tensor is never needed: gather straight from blocks and base."""
+        return (rep.pending is not None and rep.full is None and rep.pending.residual is None
+                and rep.pending.blocks not in self.forbid_fusion)
+
+    def _full_base(self, x: str, rep: Rep) -> str:
+        """The full tensor under ``rep``'s pre-ops, materialised once and remembered for ``x``."""
+        base = self._materialize_base(rep)
+        if rep.pending is not None and self.reps.get(x) is rep:
+            self.reps[x] = replace(rep, full=base, pending=None)
+        return base
+
+    def _conv_blocks(self, x: str, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str,
+                     group: int) -> str:
+        """Output blocks of a conv over ``rep`` on ``grid`` (pre-ops fused into the gather)."""
+        c = grid.config
+        if self._fusable(rep):
+            gathered = self._gather(x, rep, grid, idx)
+            return self.b.node("Conv", [gathered, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
+                               kernel_shape=list(c.kernel), strides=list(c.stride), group=group, pads=[0, 0, 0, 0])
+        return self.b.sige("SigeSparseConv2d",
+                           [self._full_base(x, rep), idx, weight, bias or "", rep.scale or "", rep.shift or ""],
+                           EDIT_PREFIX + "sparse_conv", block=list(c.block), strides=list(c.stride), group=group,
+                           **self._pre_attrs(rep))
+
+    def _concat_conv_blocks(self, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str) -> str:
+        """conv(concat(a, b, ...)): gather each part's blocks, concat the small blocks, one conv (pads 0)."""
+        c = grid.config
+        gathered = []
+        c0 = 0
+        for part, channels in rep.parts:
+            c1 = c0 + channels
+            if rep.plain:
+                part_rep = self.reps[part]
+            else:
+                part_rep = Rep(full=self.full(part), scale=self._channel_slice(rep.scale, c0, c1),
+                               shift=self._channel_slice(rep.shift, c0, c1), act=rep.act, alpha=rep.alpha)
+            gathered.append(self._gather(part, part_rep, grid, idx))
+            c0 = c1
+        blocks = self.b.node("Concat", gathered, EDIT_PREFIX + "gathered_concat", axis=1)
+        return self.b.node("Conv", [blocks, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
+                           kernel_shape=list(c.kernel), strides=list(c.stride), group=1, pads=[0, 0, 0, 0])
+
+    def _gather(self, x: str, rep: Rep, grid: BlockGrid, idx: str) -> str:
+        """Gathered input blocks [B*N, C, bh, bw] of ``rep`` with its pre-ops applied."""
+        pre = self._pre_attrs(rep)
+        if self._fusable(rep):
+            p = rep.pending
+            return self.b.sige("SigeScatterGather",
+                               [p.blocks, p.base, self._scatter_map(p), idx, rep.scale or "", rep.shift or ""],
+                               EDIT_PREFIX + "scatter_gather", block=list(grid.config.block), **pre)
+        return self.b.sige("SigeGather", [self._full_base(x, rep), idx, rep.scale or "", rep.shift or ""],
+                           EDIT_PREFIX + "gather", block=list(grid.config.block), **pre)
+
+    def _channel_slice(self, t: str | None, c0: int, c1: int) -> str | None:
+        if t is None:
+            return None
+        return self.b.node("Slice", [t, self.b.const(EDIT_PREFIX + "c0", np.array([c0], np.int64)),
+                                     self.b.const(EDIT_PREFIX + "c1", np.array([c1], np.int64)),
+                                     self.b.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
+                           EDIT_PREFIX + "channel_slice")
+
+    def _op_Concat(self, op: Op) -> bool:
+        xs = self._nchw(op.output)
+        if xs is None or op.attrs.get("axis") not in (1, -3) or min(xs[2], xs[3]) < self.opts.sparse_min_res:
+            return False
+        parts = []
+        for i in op.inputs:
+            s_ = self._nchw(i)
+            if i not in self.dynamic or s_ is None or s_[2:] != xs[2:]:
+                return False
+            self._ensure_editable(i)
+            parts.append((i, s_[1]))
+        self.reps[op.output] = Rep(parts=tuple(parts))
         return True
 
     def _indices(self, grid: BlockGrid) -> str:
