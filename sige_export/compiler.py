@@ -248,6 +248,45 @@ def graph_io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [i.name for i in model.graph.input if i.name not in init], [o.name for o in model.graph.output]
 
 
+def _c_identifier(name: str) -> str:
+    import re
+
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name).strip("_") or "x"
+    return s if not s[0].isdigit() else f"_{s}"
+
+
+def safe_input_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Rename graph inputs that are not C identifiers (``idx/16x16/k3x3...``): they become kernel
+    parameter names, which CUDA C++ source cannot spell. Returns (model, {old: new})."""
+    init = {t.name for t in model.graph.initializer}
+    import re
+
+    bad = [i.name for i in model.graph.input if i.name not in init and not re.fullmatch(r"[A-Za-z_][0-9A-Za-z_]*", i.name)]
+    if not bad:
+        return model, {}
+    taken = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    for k, name in enumerate(bad):
+        new = f"{_c_identifier(name)}_i{k}"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renamed[name] = new
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in renamed:
+            i.name = renamed[i.name]
+    for node in m.graph.node:
+        for j, x in enumerate(node.input):
+            if x in renamed:
+                node.input[j] = renamed[x]
+    for o in m.graph.output:  # an input passed straight through to an output keeps its output name
+        if o.name in renamed:
+            m.graph.node.append(onnx.helper.make_node("Identity", [renamed[o.name]], [o.name]))
+    return m, renamed
+
+
 def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shapes: Mapping[str, Sequence] | None = None,
                     *, schedule: bool = True) -> CompiledLibrary:
     """Import, schedule and build ``model`` for ``target``.
@@ -264,11 +303,16 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
     if not spec.compiles:
         raise ValueError(f"target {spec.name!r} is a portable ONNX program: nothing to compile")
     spec.check_toolchain()
+    model, renamed = safe_input_names(model)
+    if input_shapes:
+        input_shapes = {renamed.get(k, k): v for k, v in input_shapes.items()}
     mod = from_sige_onnx(model, input_shapes)
     log: list = []
     tgt = spec.tvm_target()
     ex = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(spec, log, schedule))
+    back = {v: k for k, v in renamed.items()}
     ins, outs = graph_io(model)
+    ins = [back.get(n, n) for n in ins]
     return CompiledLibrary(ex, spec, ins, outs, log, mod)
 
 
@@ -305,7 +349,9 @@ class LoadedLibrary:
         self.device = tvm_ffi.device("cuda" if device == "cuda" else "cpu", 0)
 
     def __call__(self, *inputs: np.ndarray):
-        args = [self._ffi.from_dlpack(np.ascontiguousarray(a)) for a in inputs]
+        from .artifact import _aligned  # TVM kernels assume 64-byte aligned tensors
+
+        args = [self._ffi.from_dlpack(_aligned(np.asarray(a))) for a in inputs]
         if self.device.dlpack_device_type() != _KDL_CPU:
             raise NotImplementedError("copying inputs to the GPU is left to sige_export.runtime")
         out = self.vm["main"](*args)

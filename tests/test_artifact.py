@@ -1,0 +1,355 @@
+"""Compiled artifacts (sige_export.artifact): one file per (model, target).
+
+* host artifact of every zoo family in ``FAMILIES`` (tiny variants): prime, dense and edit outputs equal the
+  portable program in onnxruntime (<= 1e-4 relative), two masks with different block counts on one opened
+  artifact (no recompilation);
+* the host artifact runs in a fresh process where ``import torch`` is blocked and the ``tvm`` compiler
+  package is never imported;
+* m1 members are Mach-O arm64 objects; rtx3090 / rtx2080ti carry cubin for sm_86 / sm_75;
+* errors: unknown target, missing NVRTC, corrupt / truncated members, target not runnable here,
+  TVM version mismatch; atomic writes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper
+
+from sige_export import zoo
+from sige_export.artifact import ArtifactError, build_artifact, open_artifact, read_manifest
+from sige_export.compiler import cubin_arch, macho_arm64
+from sige_export.edits import synthetic_mask
+from sige_export.program import SigeProgram
+from sige_export.runtime import Engine, OnnxRuntimeBackend
+from sige_export.sparsify import SparsifyOptions, sparsify
+from sige_export.targets import ToolchainError, get
+from tests.helpers import assert_close_relative
+
+ROOT = Path(__file__).resolve().parents[1]
+# Compiling every tiny family for the host takes ~15-60 s each on 2 cores; these four cover the
+# diffusion UNet (attention, GroupNorm+SiLU), SPADE (GauGAN), the GAN Compression generator and the
+# SD UNet (cross-attention); SIGE_ARTIFACT_ALL=1 runs all eight.
+FAMILIES = ["ddpm-church256", "gaugan-cityscapes", "gancomp-gaugan", "sd-unet"]
+if os.environ.get("SIGE_ARTIFACT_ALL"):
+    FAMILIES = zoo.names()
+REL = 1e-4
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _zoo_program(name: str) -> SigeProgram:
+    from sige_export.frontend import load_model, to_dense_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = to_dense_onnx(load_model(name, size="tiny"))
+        result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    return SigeProgram(result.model, result.manifest)
+
+
+def _small_program() -> SigeProgram:
+    """Conv3x3 -> Relu -> Conv3x3 (+ residual) on 1x4x16x16: seconds to compile for any target."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((4, 8, 3, 3)) * 0.3).astype(np.float32)
+    b1 = rng.standard_normal(8).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "x"], ["y"])]
+    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                           numpy_helper.from_array(b1, "b1")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    result = sparsify(m, SparsifyOptions(sparse_min_res=8))
+    return SigeProgram(result.model, result.manifest)
+
+
+@pytest.fixture(scope="module")
+def zoo_artifacts(tmp_path_factory):
+    """name -> (program, artifact path), built lazily once per module."""
+    cache: dict[str, tuple[SigeProgram, Path]] = {}
+    root = tmp_path_factory.mktemp("zoo_artifacts")
+
+    def get_(name: str):
+        if name not in cache:
+            program = _zoo_program(name)
+            path = build_artifact(program, "host", root / f"{name}.host.sige")
+            cache[name] = (program, path)
+        return cache[name]
+
+    return get_
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    program = _small_program()
+    path = build_artifact(program, "host", tmp_path_factory.mktemp("small") / "small.host.sige")
+    return program, path
+
+
+def _inputs(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in manifest["inputs"]:
+        a = rng.standard_normal(i["shape"])
+        out[i["name"]] = a.astype(i["dtype"]) if np.dtype(i["dtype"]).kind == "f" else np.abs(a).astype(i["dtype"])
+    return out
+
+
+def _edited(manifest: dict, feeds: dict, mask: np.ndarray) -> dict[str, np.ndarray]:
+    src = manifest["mask"]["source"]
+    x = feeds[src].copy()
+    m = np.broadcast_to(mask, x.shape)
+    x[m] = x[m] + 0.7
+    return {**feeds, src: x}
+
+
+def _compare_engines(program: SigeProgram, path: Path, ratios=(0.04, 0.15)):
+    manifest, backend = open_artifact(path)
+    ref = Engine(program, OnnxRuntimeBackend(program))
+    got = Engine(program, backend)
+    feeds = _inputs(manifest)
+    # prime: the model output and every cache
+    pr, pg = ref.backend.prime(feeds), got.backend.prime(feeds)
+    assert set(pg) == set(pr)
+    for k in pr:
+        assert_close_relative(pg[k], pr[k], rel=REL, what=f"prime {k}")
+    assert_close_relative(got.dense(**feeds), ref.dense(**feeds), rel=REL, what="dense")
+    ref.prime(**feeds)
+    got.prime(**feeds)
+    res = tuple(manifest["mask"]["resolution"])
+    counts = []
+    for k, ratio in enumerate(ratios):
+        mask = synthetic_mask("blob", res, ratio, seed=k + 1)
+        edited = _edited(manifest, feeds, mask)
+        want = ref.edit(**edited, mask=mask)
+        have = got.edit(**edited, mask=mask)
+        assert got.last_edit.mode == "sparse", got.last_edit
+        assert_close_relative(have, want, rel=REL, what=f"edit ratio {ratio}")
+        counts.append(dict(got.last_edit.blocks))
+    # two masks, different block counts, one artifact (no recompilation: same backend object)
+    assert counts[0] != counts[1] and sum(counts[0].values()) < sum(counts[1].values()), counts
+    return manifest
+
+
+# ----------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("name", FAMILIES)
+def test_host_artifact_matches_onnxruntime(zoo_artifacts, name):
+    program, path = zoo_artifacts(name)
+    manifest = _compare_engines(program, path)
+    art = manifest["artifact"]
+    assert not any(s["unscheduled"] for s in art["schedules"].values()), art["schedules"]
+    assert art["target"]["name"] == "host"
+    # weights stored once and shared by both passes
+    weights = {t["name"] for t in art["weights"]["tensors"]}
+    assert set(art["passes"]["prime"]["params"]) <= weights and set(art["passes"]["edit"]["params"]) <= weights
+    assert set(art["passes"]["prime"]["params"]) & set(art["passes"]["edit"]["params"])
+
+
+def test_small_artifact_layout(small):
+    program, path = small
+    manifest = _compare_engines(program, path, ratios=(0.01, 0.5))
+    with tarfile.open(path) as tf:
+        names = tf.getnames()
+    assert names[0] == "manifest.json"
+    assert {"prime.so", "edit.so", "weights.bin"} <= set(names)
+    art = manifest["artifact"]
+    assert set(art["members"]) == set(names) - {"manifest.json"}
+    assert all(len(v["sha256"]) == 64 for v in art["members"].values())
+    import tvm
+
+    assert art["tvm_version"] == tvm.__version__ and art["format_version"] == 1
+    assert art["target"]["tvm_target"]["kind"] == "llvm"
+    # the program manifest is kept, plus the cache layout and the shapes of every pass input
+    for key in ("inputs", "outputs", "caches", "indices", "scatter_maps", "mask"):
+        assert manifest[key] == program.manifest[key]
+    kinds = {i["kind"] for i in art["passes"]["edit"]["inputs"]}
+    assert {"cache", "indices", "edited"} <= kinds
+    idx = [i for i in art["passes"]["edit"]["inputs"] if i["kind"] == "indices"]
+    assert idx and all(isinstance(i["shape"][0], str) and i["shape"][1] == 2 for i in idx)
+
+
+RUNNER = textwrap.dedent("""
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this process")
+            return None
+    sys.meta_path.insert(0, _Block())
+    import numpy as np
+    from sige_export.artifact import open_artifact
+    manifest, backend = open_artifact(sys.argv[1])
+    d = dict(np.load(sys.argv[2]))
+    prime = backend.prime(d)
+    edit_feeds = {**{k: prime[k] for k in (c["name"] for c in manifest["caches"])}, **d}
+    for src, e in manifest["edit"]["edited"].items():
+        edit_feeds[e] = d["edited_" + src]
+    edit = backend.edit(edit_feeds)
+    bad = sorted(m for m in sys.modules if m == "tvm" or m.startswith("tvm.") or m == "torch" or m.startswith("torch."))
+    assert not bad, f"imported: {bad[:10]}"
+    out = manifest["outputs"][0]
+    np.savez(sys.argv[3], prime=prime[out], edit=edit[manifest["edit"]["outputs"][0]])
+""")
+
+
+def test_host_artifact_fresh_process_without_torch_or_tvm_compiler(zoo_artifacts, tmp_path):
+    program, path = zoo_artifacts(FAMILIES[0])
+    manifest = read_manifest(path)
+    feeds = _inputs(manifest)
+    ref = Engine(program, OnnxRuntimeBackend(program))
+    want_prime = ref.prime(**feeds)
+    mask = synthetic_mask("blob", tuple(manifest["mask"]["resolution"]), 0.08, seed=5)
+    edited = _edited(manifest, feeds, mask)
+    want_edit = ref.edit(**edited, mask=mask)
+    index_feeds = ref.edit_feeds(mask)
+    np.savez(tmp_path / "in.npz", **feeds, **index_feeds,
+             **{"edited_" + k: edited[k] for k in manifest["edit"]["edited"]})
+    (tmp_path / "runner.py").write_text(RUNNER)
+    r = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(path), str(tmp_path / "in.npz"),
+                        str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    assert_close_relative(out["prime"], want_prime, rel=REL, what="fresh process prime")
+    assert_close_relative(out["edit"], want_edit, rel=REL, what="fresh process edit")
+
+
+# ----------------------------------------------------------------------------- cross targets
+def test_m1_artifact_members_are_macho_arm64(tmp_path):
+    path = build_artifact(_small_program(), "m1", tmp_path / "small.m1.sige")
+    manifest = read_manifest(path)
+    with tarfile.open(path) as tf:
+        objs = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".o")}
+    for p in ("prime", "edit"):
+        listed = manifest["artifact"]["passes"][p]["objects"]
+        assert listed and all(n in objs for n in listed)
+    assert objs
+    for name, data in objs.items():
+        assert macho_arm64(data), f"{name}: not Mach-O arm64 ({data[:8].hex()})"
+    with pytest.raises(ArtifactError, match="cannot run on this"):
+        open_artifact(path)
+
+
+@pytest.mark.parametrize("target,arch", [("rtx3090", "sm_86"), ("rtx2080ti", "sm_75")])
+def test_cuda_artifact_carries_cubin(tmp_path, target, arch):
+    missing = get(target).missing_toolchain()
+    if missing:
+        pytest.skip(f"{target}: {missing} not installed (pip install 'sige-export[cuda]')")
+    path = build_artifact(_small_program(), target, tmp_path / f"small.{target}.sige")
+    manifest = read_manifest(path)
+    with tarfile.open(path) as tf:
+        data = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+    for p in ("prime", "edit"):
+        dev = manifest["artifact"]["passes"][p]["device_code"]
+        cubins = [n for n in dev if n.endswith(".cubin")]
+        assert cubins, dev
+        assert all(cubin_arch(data[n]) == arch for n in cubins), [cubin_arch(data[n]) for n in cubins]
+        assert any(f".target {arch}".encode() in data[n] for n in dev if n.endswith(".ptx"))
+        assert data[manifest["artifact"]["passes"][p]["library"]][:4] == b"\x7fELF"
+    assert manifest["artifact"]["requires"]["gpu"] == arch
+    from sige_export.artifact import _cuda_gpu_count
+
+    if _cuda_gpu_count() == 0:
+        with pytest.raises(ArtifactError, match="no NVIDIA GPU"):
+            open_artifact(path)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_target_lists_known(tmp_path):
+    with pytest.raises(ValueError, match="unknown target 'nope'; known targets: .*host.*m1.*rtx3090"):
+        build_artifact(_small_program(), "nope", tmp_path / "x.sige")
+    assert not (tmp_path / "x.sige").exists()
+
+
+def test_missing_nvrtc_says_what_to_install(tmp_path, monkeypatch):
+    import sige_export.targets as targets
+
+    monkeypatch.setattr(targets, "_nvrtc_available", lambda: False)
+    with pytest.raises(ToolchainError, match="pip install nvidia-cuda-nvrtc-cu12"):
+        build_artifact(_small_program(), "rtx3090", tmp_path / "x.sige")
+    assert not (tmp_path / "x.sige").exists()
+
+
+def _rewrite(src: Path, dst: Path, edit_member=None, edit_manifest=None):
+    with tarfile.open(src) as tf, tarfile.open(dst, "w") as out:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read()
+            if m.name == "manifest.json" and edit_manifest:
+                man = json.loads(data)
+                edit_manifest(man)
+                data = json.dumps(man).encode()
+            elif edit_member and m.name == edit_member[0]:
+                data = edit_member[1](data)
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_open_rejects_corrupt_truncated_and_mismatched(small, tmp_path):
+    _, path = small
+    flip = tmp_path / "flip.sige"
+    _rewrite(path, flip, edit_member=("weights.bin", lambda d: d[:100] + bytes([d[100] ^ 1]) + d[101:]))
+    with pytest.raises(ArtifactError, match="sha256 mismatch for member 'weights.bin'"):
+        open_artifact(flip)
+    short = tmp_path / "short.sige"
+    _rewrite(path, short, edit_member=("edit.so", lambda d: d[: len(d) // 2]))
+    with pytest.raises(ArtifactError, match="'edit.so' has .* bytes.*truncated"):
+        open_artifact(short)
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.sige"
+    cut.write_bytes(raw[: len(raw) * 2 // 3])
+    with pytest.raises(ArtifactError, match="truncated|corrupt|missing"):
+        open_artifact(cut)
+    (tmp_path / "junk.sige").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ArtifactError, match="not a SIGE artifact"):
+        open_artifact(tmp_path / "junk.sige")
+    old = tmp_path / "old.sige"
+    _rewrite(path, old, edit_manifest=lambda m: m["artifact"].update(tvm_version="0.19.0"))
+    with pytest.raises(ArtifactError, match="built with TVM 0.19.0.*re-export"):
+        open_artifact(old)
+    gpu = tmp_path / "gpu.sige"
+
+    def as_cuda(m):
+        m["artifact"]["target"].update(name="rtx3090", family="cuda")
+        m["artifact"]["requires"]["gpu"] = "sm_86"
+
+    _rewrite(path, gpu, edit_manifest=as_cuda)
+    from sige_export.artifact import _cuda_gpu_count
+
+    if _cuda_gpu_count() == 0:
+        with pytest.raises(ArtifactError, match="no NVIDIA GPU"):
+            open_artifact(gpu)
+
+
+def test_build_is_atomic(tmp_path, monkeypatch):
+    import sige_export.artifact as artifact
+
+    program = _small_program()
+    out = tmp_path / "a.sige"
+    out.write_bytes(b"previous")
+
+    def boom(path):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(artifact, "_sha256_file", boom)
+    with pytest.raises(OSError, match="simulated"):
+        build_artifact(program, "host", out)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sige"]
