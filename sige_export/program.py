@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .graph import extract
-from .mask import BlockConfig, all_block_indices, block_indices
+from .mask import BlockConfig, all_block_indices, block_indices, scatter_map
 from .sparsify import MANIFEST_KEY
 
 
@@ -93,3 +93,39 @@ def grid_indices(mask: np.ndarray, grid: dict) -> np.ndarray:
 def all_grid_indices(grid: dict) -> np.ndarray:
     """Every block of a grid (the edit then equals dense where statistics are exact)."""
     return all_block_indices(grid_config(grid), tuple(grid["resolution"]))
+
+
+def derived_feeds(manifest: dict, index_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scatter maps and statistics tiles of the edit pass, computed from its block indices."""
+    out: dict[str, np.ndarray] = {}
+    for s in manifest["scatter_maps"]:
+        out[s["name"]] = scatter_map(tuple(s["out_resolution"]), index_feeds[s["indices"]], tuple(s["offset"]),
+                                     tuple(s["stride"]), tuple(s["out_block"]))
+    grids = {g["name"]: g for g in manifest["indices"]}
+    for t in manifest.get("stat_tiles", []):
+        out[t["name"]] = stat_tiles(t, [(grids[n], index_feeds[n]) for n in t["grids"]])
+    return out
+
+
+def stat_tiles(entry: dict, scattered: list[tuple[dict, np.ndarray]]) -> np.ndarray:
+    """Top-lefts (int32 [T, 2]) of the aligned tiles covering every output block scattered at a resolution."""
+    h, w = entry["resolution"]
+    th, tw = entry["tile"]
+    nh, nw = -(-h // th), -(-w // tw)
+    covered = np.zeros((nh, nw), bool)
+    for grid, idx in scattered:
+        if len(idx) == 0:
+            continue
+        oh, ow = grid["out_block"]
+        sh, sw = grid["stride"]
+        r0 = (idx[:, 0].astype(np.int64) + grid["offset"][0]) // sh
+        c0 = (idx[:, 1].astype(np.int64) + grid["offset"][1]) // sw
+        # Output blocks are aligned to multiples of the tile, which divides them.
+        rr = (r0[:, None] + np.arange(0, oh, th)[None, :]) // th
+        cc = (c0[:, None] + np.arange(0, ow, tw)[None, :]) // tw
+        rr = np.broadcast_to(rr[:, :, None], (len(idx), rr.shape[1], cc.shape[1]))
+        cc = np.broadcast_to(cc[:, None, :], rr.shape)
+        ok = (rr < nh) & (cc < nw)
+        covered[rr[ok], cc[ok]] = True
+    ii, jj = np.nonzero(covered)
+    return np.stack([ii * th, jj * tw], axis=1).astype(np.int32).reshape(-1, 2)

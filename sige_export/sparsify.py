@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 MANIFEST_KEY = "sige_manifest"
 PROGRAM_FORMAT_VERSION = 1
 EDIT_PREFIX = "edit/"
-MIN_OPSET = 18  # the ai.sige function bodies are written against opset 18
+MIN_OPSET = 18
+STAT_TILE = 2  # tile of the statistics correction: divides every output block (4 for stride 1, 2 for stride 2)  # the ai.sige function bodies are written against opset 18
 
 # Ops that run correctly on full tensors in the edit pass without any warning (sparsity is
 # carried to the next convolution through the scattered full tensor).
@@ -332,6 +333,9 @@ class Rep:
     shift: str | None = None
     act: str | None = None
     alpha: float = 0.2
+    # Every change against the primed tensor lies inside scattered output blocks at this resolution
+    # (so statistics can be corrected from those blocks alone); False after a dense island.
+    confined: bool = False
 
     @property
     def plain(self) -> bool:
@@ -408,6 +412,7 @@ class _Sparsifier:
         self.caches: dict[str, None] = {}
         self.indices: dict[str, BlockGrid] = {}
         self.smaps: dict[str, dict] = {}
+        self.tiles: dict[str, tuple[int, int]] = {}
         self.warnings: list[str] = []
         self.dense_islands: list[str] = []
         self.sparse_convs: list[str] = []
@@ -464,7 +469,7 @@ class _Sparsifier:
             value = self.b.node("Add", [value, rep.shift], EDIT_PREFIX + "shifted")
         if rep.act is not None:
             value = self._activation(value, rep.act, rep.alpha)
-        self.reps[tensor] = Rep(full=value)
+        self.reps[tensor] = Rep(full=value, confined=rep.confined)
         return value
 
     def _materialize_base(self, rep: Rep) -> str:
@@ -509,7 +514,7 @@ class _Sparsifier:
         """out = in * scale + shift with per-channel [*, C, 1, 1] scale/shift, folded when possible."""
         rep = self.reps[tensor_in]
         if rep.act is not None:
-            rep = Rep(full=self.full(tensor_in))
+            rep = Rep(full=self.full(tensor_in), confined=rep.confined)
         new_scale, new_shift = rep.scale, rep.shift
         if scale is not None:
             new_scale = scale if new_scale is None else self.b.node("Mul", [new_scale, scale], EDIT_PREFIX + "scale")
@@ -522,7 +527,7 @@ class _Sparsifier:
     def _set_activation(self, tensor_in: str, out: str, act: str, alpha: float = 0.2) -> None:
         rep = self.reps[tensor_in]
         if rep.act is not None:
-            rep = Rep(full=self.full(tensor_in))
+            rep = Rep(full=self.full(tensor_in), confined=rep.confined)
         self.reps[out] = replace(rep, act=act, alpha=alpha)
 
     # -- rules
@@ -608,7 +613,7 @@ class _Sparsifier:
         else:
             blocks = self._conv_blocks(x, rep, op.inputs[1], bias, grid, idx, group)
         self.sparse_convs.append(op.name)
-        self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid))
+        self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid), confined=True)
         return True
 
     def _pre_attrs(self, rep: Rep) -> dict:
@@ -689,7 +694,7 @@ class _Sparsifier:
                 return False
             self._ensure_editable(i)
             parts.append((i, s_[1]))
-        self.reps[op.output] = Rep(parts=tuple(parts))
+        self.reps[op.output] = Rep(parts=tuple(parts), confined=all(self.reps[i].confined for i, _ in parts))
         return True
 
     def _indices(self, grid: BlockGrid) -> str:
@@ -720,14 +725,15 @@ class _Sparsifier:
                                   EDIT_PREFIX + "scatter_block_residual", offset=list(main.grid.config.offset),
                                   stride=list(main.grid.config.stride), shortcut_offset=list(sc.grid.config.offset),
                                   shortcut_stride=list(sc.grid.config.stride))
-                self.reps[op.output] = Rep(full=out)
+                self.reps[op.output] = Rep(full=out, confined=True)
                 return True
             for main_rep, other in ((ra, b), (rb, a)):
                 if (main_rep.pending is not None and main_rep.full is None and main_rep.plain
                         and main_rep.pending.residual is None and self._nchw(other) == self._nchw(op.output)):
+                    confined = self.reps[other].confined
                     residual = self.full(other)
                     self.reps[op.output] = Rep(pending=replace(main_rep.pending, base=self.cache(op.output),
-                                                               residual=residual))
+                                                               residual=residual), confined=confined)
                     return True
             return False
         return self._static_affine(op, add=True)
@@ -783,61 +789,138 @@ class _Sparsifier:
         return True
 
     def _op_GroupNorm(self, op: Op) -> bool:
-        x = op.inputs[0]
-        xs = self._nchw(x)
-        if xs is None:
-            return False
-        self._ensure_editable(x)
-        if self.opts.norm_stats == "update":
-            return False  # exact statistics of the edited tensor: the original nodes, dense
-        scale, shift = self._prime_norm_affine(x, op.attrs["groups"], op.attrs["eps"], op.attrs["gamma"],
-                                               op.attrs["beta"], op.name)
-        self._affine(x, op.output, self.cache(scale), self.cache(shift))
-        return True
+        return self._norm(op, op.attrs["groups"], op.attrs["eps"], op.attrs["gamma"], op.attrs["beta"])
 
     def _op_InstanceNormalization(self, op: Op) -> bool:
-        x = op.inputs[0]
-        xs = self._nchw(x)
+        xs = self._nchw(op.inputs[0])
         if xs is None or op.inputs[1] not in self.info.consts or op.inputs[2] not in self.info.consts:
             return False
-        self._ensure_editable(x)
-        if self.opts.norm_stats == "update":
-            return False
         c = xs[1]
-        gamma = self.info.consts[op.inputs[1]].reshape(c).astype(np.float32)
-        beta = self.info.consts[op.inputs[2]].reshape(c).astype(np.float32)
-        scale, shift = self._prime_norm_affine(x, c, float(op.attrs.get("epsilon", 1e-5)), gamma, beta, op.name)
-        self._affine(x, op.output, self.cache(scale), self.cache(shift))
+        return self._norm(op, c, float(op.attrs.get("epsilon", 1e-5)),
+                          self.info.consts[op.inputs[1]].reshape(c).astype(np.float32),
+                          self.info.consts[op.inputs[2]].reshape(c).astype(np.float32))
+
+    def _norm(self, op: Op, groups: int, eps: float, gamma: np.ndarray, beta: np.ndarray) -> bool:
+        """A group norm as a per-channel affine folded into the next gather.
+
+        ``original``: statistics of the primed tensor, cached. ``update``: prime caches per-group
+        sums of x and x^2; the edit adds (new - old) over the scattered tiles of this resolution,
+        so the statistics are exact for the edited tensor at a cost proportional to the edit.
+        A tensor whose changes are not confined to scattered tiles (after a dense island) is
+        normalised dense, which is exact too.
+        """
+        x = op.inputs[0]
+        xs = self._nchw(x)
+        if xs is None or xs[1] % groups:
+            return False
+        self._ensure_editable(x)
+        if self.opts.norm_stats == "original":
+            mean, var = self._prime_moments(x, groups, op.name)
+            p = self.prime
+            scale, shift = self._norm_affine(p, mean, var, xs, groups, eps, gamma, beta, f"stats/{op.name}")
+            self._affine(x, op.output, self.cache(scale), self.cache(shift))
+            return True
+        rep = self.reps[x]
+        if not rep.confined or min(xs[2], xs[3]) < self.opts.sparse_min_res:
+            return False
+        mean, var = self._edited_moments(x, rep, groups, op.name)
+        scale, shift = self._norm_affine(self.b, mean, var, xs, groups, eps, gamma, beta, EDIT_PREFIX + "norm")
+        self._affine(x, op.output, scale, shift)
         return True
 
-    def _prime_norm_affine(self, x: str, groups: int, eps: float, gamma: np.ndarray, beta: np.ndarray,
-                           hint: str) -> tuple[str, str]:
-        """Prime nodes: per-channel scale/shift [B, C, 1, 1] of a group norm of ``x`` from its statistics."""
-        b, c, h, w = self._nchw(x)
+    def _prime_moments(self, x: str, groups: int, hint: str) -> tuple[str, str]:
+        """Prime nodes: mean and variance [B, G, 1] of ``x`` per group (two passes, as the norm does)."""
+        b = self._nchw(x)[0]
         p = self.prime
         tag = f"stats/{hint}"
         xg = p.node("Reshape", [x, p.const(tag + "/gshape", np.array([b, groups, -1], np.int64))], tag + "/xg")
-        mean = self._reduce_mean(xg, tag + "/mean")
+        mean = self._reduce(p, "ReduceMean", xg, [2], tag + "/mean")
         centered = p.node("Sub", [xg, mean], tag + "/centered")
-        sq = p.node("Mul", [centered, centered], tag + "/sq")
-        var = self._reduce_mean(sq, tag + "/var")
-        veps = p.node("Add", [var, p.const(tag + "/eps", np.array(eps, np.float32))], tag + "/var_eps")
-        rstd = p.node("Reciprocal", [p.node("Sqrt", [veps], tag + "/std")], tag + "/rstd")
-        cpg = c // groups
-        to_c = p.const(tag + "/cshape", np.array([b, c, 1, 1], np.int64))
-        expand = p.const(tag + "/eshape", np.array([b, groups, cpg], np.int64))
-        rstd_c = p.node("Reshape", [p.node("Expand", [rstd, expand], tag + "/rstd_e"), to_c], tag + "/rstd_c")
-        mean_c = p.node("Reshape", [p.node("Expand", [mean, expand], tag + "/mean_e"), to_c], tag + "/mean_c")
-        scale = p.node("Mul", [rstd_c, p.const(tag + "/gamma", gamma.reshape(1, c, 1, 1))], tag + "/scale")
-        shift = p.node("Sub", [p.const(tag + "/beta", beta.reshape(1, c, 1, 1)),
-                               p.node("Mul", [mean_c, scale], tag + "/mean_scale")], tag + "/shift")
+        var = self._reduce(p, "ReduceMean", p.node("Mul", [centered, centered], tag + "/sq"), [2], tag + "/var")
+        return mean, var
+
+    def _edited_moments(self, x: str, rep: Rep, groups: int, hint: str) -> tuple[str, str]:
+        """Mean and variance [B, G, 1] of the edited ``x``: cached moments corrected over the scattered tiles.
+
+        With d = new - old over the changed tiles and n elements per group:
+        mean' = mean + sum(d)/n, var' = var + sum(d * (new + old - 2 mean))/n - (sum(d)/n)^2;
+        every correction term is of the size of the change, so an unchanged tensor keeps its
+        statistics bit for bit and no E[x^2] - E[x]^2 cancellation occurs.
+        """
+        b, c, h, w = self._nchw(x)
+        e = self.b
+        mean, var = (self.cache(t) for t in self._prime_moments(x, groups, hint))
+        tiles, tile = self._tiles((h, w))
+        grid = BlockGrid((h, w), snap_block(tile, 1, 1, 0))  # a tile is a 1x1 "conv" block: no halo
+        shape = e.const(EDIT_PREFIX + "gshape", np.array([b, -1, groups, (c // groups) * tile * tile], np.int64))
+        new = e.node("Reshape", [self._gather(x, rep, grid, tiles), shape], EDIT_PREFIX + "new")
+        old = e.node("Reshape", [self._gather_original(x, rep, grid, tiles), shape], EDIT_PREFIX + "old")
+        mean4 = e.node("Unsqueeze", [mean, e.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
+                       EDIT_PREFIX + "mean4")  # [B, 1, G, 1]
+        d = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
+        two_mean = e.node("Add", [mean4, mean4], EDIT_PREFIX + "two_mean")
+        centered = e.node("Sub", [e.node("Add", [new, old], EDIT_PREFIX + "new_old"), two_mean],
+                          EDIT_PREFIX + "centered")
+        axes2 = e.const(EDIT_PREFIX + "axis2", np.array([2], np.int64))
+
+        def group_sum(v: str, hint_: str) -> str:  # [B, T, G, k] -> [B, G, 1]
+            summed = self._reduce(e, "ReduceSum", v, [1, 3], EDIT_PREFIX + hint_, keepdims=0)
+            return e.node("Unsqueeze", [summed, axes2], EDIT_PREFIX + hint_)
+
+        inv_n = e.const(EDIT_PREFIX + "inv_n", np.array(groups / (c * h * w), np.float32))
+        dmean = e.node("Mul", [group_sum(d, "delta_sum"), inv_n], EDIT_PREFIX + "dmean")
+        dvar = e.node("Mul", [group_sum(e.node("Mul", [d, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
+                      EDIT_PREFIX + "dvar")
+        new_mean = e.node("Add", [mean, dmean], EDIT_PREFIX + "mean")
+        new_var = e.node("Sub", [e.node("Add", [var, dvar], EDIT_PREFIX + "var_plus"),
+                                 e.node("Mul", [dmean, dmean], EDIT_PREFIX + "dmean_sq")], EDIT_PREFIX + "var")
+        return new_mean, e.node("Relu", [new_var], EDIT_PREFIX + "var")  # rounding can dip below 0
+
+    def _gather_original(self, x: str, rep: Rep, grid: BlockGrid, idx: str) -> str:
+        """The primed values of ``x`` at the blocks of ``grid`` (from caches the edit already holds)."""
+        block = list(grid.config.block)
+        if rep.parts is not None:
+            parts = [self.b.sige("SigeGather", [self.cache(t), idx], EDIT_PREFIX + "gather_orig", block=block)
+                     for t, _ in rep.parts]
+            gathered = self.b.node("Concat", parts, EDIT_PREFIX + "gather_orig", axis=1)
+            if rep.plain:
+                return gathered
+            # The concat's own affine and activation, applied to the small gathered blocks.
+            full = Rep(full=gathered, scale=rep.scale, shift=rep.shift, act=rep.act, alpha=rep.alpha)
+            tmp = self.b.fresh(EDIT_PREFIX + "orig_blocks")
+            self.reps[tmp] = full
+            return self.full(tmp)
+        if rep.pending is not None and rep.full is None:
+            return self.b.sige("SigeGather", [rep.pending.base, idx, rep.scale or "", rep.shift or ""],
+                               EDIT_PREFIX + "gather_orig", block=block, **self._pre_attrs(rep))
+        return self.b.sige("SigeGather", [self.cache(x), idx], EDIT_PREFIX + "gather_orig", block=block)
+
+    def _tiles(self, hw: tuple[int, int]) -> tuple[str, int]:
+        """Index input of the aligned tiles covering every block scattered at resolution ``hw``."""
+        name = f"tiles/{hw[0]}x{hw[1]}"
+        self.tiles[name] = hw
+        return name, STAT_TILE
+
+    def _norm_affine(self, bld: "_Builder", mean: str, var: str, xs: tuple, groups: int, eps: float,
+                     gamma: np.ndarray, beta: np.ndarray, tag: str) -> tuple[str, str]:
+        """Per-channel scale/shift [B, C, 1, 1] of a group norm from per-group mean/variance [B, G, 1]."""
+        b, c = xs[0], xs[1]
+        veps = bld.node("Add", [var, bld.const(tag + "/eps", np.array(eps, np.float32))], tag + "/var_eps")
+        rstd = bld.node("Reciprocal", [bld.node("Sqrt", [veps], tag + "/std")], tag + "/rstd")
+        to_c = bld.const(tag + "/cshape", np.array([b, c, 1, 1], np.int64))
+        expand = bld.const(tag + "/eshape", np.array([b, groups, c // groups], np.int64))
+        rstd_c = bld.node("Reshape", [bld.node("Expand", [rstd, expand], tag + "/rstd_e"), to_c], tag + "/rstd_c")
+        mean_c = bld.node("Reshape", [bld.node("Expand", [mean, expand], tag + "/mean_e"), to_c], tag + "/mean_c")
+        scale = bld.node("Mul", [rstd_c, bld.const(tag + "/gamma", gamma.reshape(1, c, 1, 1))], tag + "/scale")
+        shift = bld.node("Sub", [bld.const(tag + "/beta", beta.reshape(1, c, 1, 1)),
+                                 bld.node("Mul", [mean_c, scale], tag + "/mean_scale")], tag + "/shift")
         return scale, shift
 
-    def _reduce_mean(self, x: str, hint: str) -> str:
-        """ReduceMean over axis 2 in the model's opset (axes moved from attribute to input in opset 18)."""
+    def _reduce(self, bld: "_Builder", op_type: str, x: str, axes: list[int], hint: str, keepdims: int = 1) -> str:
+        """A reduction in the model's opset (axes moved from attribute to input in opset 18)."""
         if self.opset >= 18:
-            return self.prime.node("ReduceMean", [x, self.prime.const(hint + "/axes", np.array([2], np.int64))], hint)
-        return self.prime.node("ReduceMean", [x], hint, axes=[2])
+            return bld.node(op_type, [x, bld.const(hint + "/axes", np.array(axes, np.int64))], hint, keepdims=keepdims)
+        return bld.node(op_type, [x], hint, axes=axes, keepdims=keepdims)
 
     def _op_Silu(self, op: Op) -> bool:
         self._ensure_editable(op.inputs[0])
@@ -942,6 +1025,8 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         g.input.append(vi(name, [f"N{k}", 2], TensorProto.INT32))
     for name, sm in sorted(s.smaps.items()):
         g.input.append(vi(name, sm["out_resolution"], TensorProto.INT32))
+    for k, name in enumerate(sorted(s.tiles)):
+        g.input.append(vi(name, [f"T{k}", 2], TensorProto.INT32))
     for o, eo in zip(dense_outputs, edit_outputs):
         g.output.append(vi(eo, info.shapes.get(o, []), elem.get(o, TensorProto.FLOAT)))
     model = custom_ops.attach_functions(model)
@@ -965,7 +1050,7 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         "outputs": dense_outputs,
         "prime": {"inputs": prime_inputs, "outputs": dense_outputs + [c["name"] for c in caches]},
         "edit": {
-            "inputs": [EDIT_PREFIX + e for e in s.editable] + sorted(s.indices) + sorted(s.smaps)
+            "inputs": [EDIT_PREFIX + e for e in s.editable] + sorted(s.indices) + sorted(s.smaps) + sorted(s.tiles)
             + [c["name"] for c in caches],
             "outputs": edit_outputs,
             "edited": {e: EDIT_PREFIX + e for e in s.editable},
@@ -975,6 +1060,9 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
                  "eps": s.opts.mask_eps, "dilation": s.opts.mask_dilation},
         "indices": [{"name": n, **g_.to_json()} for n, g_ in sorted(s.indices.items())],
         "scatter_maps": [{"name": n, **v} for n, v in sorted(s.smaps.items())],
+        "stat_tiles": [{"name": n, "resolution": list(hw), "tile": [STAT_TILE, STAT_TILE],
+                        "grids": sorted(k for k, g_ in s.indices.items() if g_.out_hw == hw)}
+                       for n, hw in sorted(s.tiles.items())],
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.opts.__dict__.items()},
         "sparse_convs": s.sparse_convs,
         "dense_islands": s.dense_islands,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sige_export.program import SigeProgram, all_grid_indices
+from sige_export.program import SigeProgram, all_grid_indices, derived_feeds
 from sige_export.runtime import Engine, OnnxRuntimeBackend
 from sige_export.sparsify import SparsifyError, SparsifyOptions, sparsify
 from tests.helpers import assert_close, assert_close_relative
@@ -87,11 +87,7 @@ def _engine(dense: onnx.ModelProto, **opts) -> Engine:
 
 def _edit_all_blocks(engine: Engine, edited: dict[str, np.ndarray]) -> np.ndarray:
     feeds = {g["name"]: all_grid_indices(g) for g in engine.manifest["indices"]}
-    from sige_export import mask as masks
-
-    for s in engine.manifest["scatter_maps"]:
-        feeds[s["name"]] = masks.scatter_map(tuple(s["out_resolution"]), feeds[s["indices"]], tuple(s["offset"]),
-                                             tuple(s["stride"]), tuple(s["out_block"]))
+    feeds.update(derived_feeds(engine.manifest, feeds))
     entry = engine._entry(None)
     full = {**entry.caches, **feeds}
     for name, e in engine.manifest["edit"]["edited"].items():
@@ -140,8 +136,7 @@ def test_no_active_blocks_returns_prime(resblock, norm_stats: str) -> None:
     feeds = {k: v.numpy() for k, v in inputs.items()}
     primed = engine.prime(**feeds)
     edit_feeds = {g["name"]: np.zeros((0, 2), np.int32) for g in engine.manifest["indices"]}
-    for s in engine.manifest["scatter_maps"]:
-        edit_feeds[s["name"]] = np.full(s["out_resolution"], -1, np.int32)
+    edit_feeds.update(derived_feeds(engine.manifest, edit_feeds))
     entry = engine._entry(None)
     edited = feeds["x"] + 1.0  # ignored: no block is active
     out = engine.backend.edit({**entry.caches, **edit_feeds, "edit/x": edited})["edit/out"]

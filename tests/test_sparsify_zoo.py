@@ -12,7 +12,7 @@ import torch
 from sige_export import mask as masks
 from sige_export import zoo
 from sige_export.frontend import load_model, to_dense_onnx
-from sige_export.program import SigeProgram, all_grid_indices
+from sige_export.program import SigeProgram, all_grid_indices, derived_feeds
 from sige_export.runtime import Engine, OnnxRuntimeBackend
 from sige_export.sparsify import SparsifyOptions, sparsify
 from tests.helpers import assert_close_relative
@@ -42,9 +42,7 @@ def _inputs(name: str) -> dict[str, np.ndarray]:
 
 def _all_blocks_feeds(engine: Engine) -> dict[str, np.ndarray]:
     feeds = {g["name"]: all_grid_indices(g) for g in engine.manifest["indices"]}
-    for s in engine.manifest["scatter_maps"]:
-        feeds[s["name"]] = masks.scatter_map(tuple(s["out_resolution"]), feeds[s["indices"]], tuple(s["offset"]),
-                                             tuple(s["stride"]), tuple(s["out_block"]))
+    feeds.update(derived_feeds(engine.manifest, feeds))
     return feeds
 
 
@@ -74,8 +72,7 @@ def test_zoo_edit_invariants(name: str, norm_stats: str) -> None:
         assert_close_relative(out, primed, rel=1e-5, what=f"{name} edit(unedited) vs prime")
     # No active block returns prime's output.
     empty = {g["name"]: np.zeros((0, 2), np.int32) for g in engine.manifest["indices"]}
-    for s in engine.manifest["scatter_maps"]:
-        empty[s["name"]] = np.full(s["out_resolution"], -1, np.int32)
+    empty.update(derived_feeds(engine.manifest, empty))
     edited = dict(inputs)
     edited[src] = inputs[src] + 1.0
     assert_close_relative(_run_edit(engine, edited, empty), primed, rel=1e-5, what=f"{name} N = 0")
