@@ -8,3 +8,14 @@ __version__ = "0.1.0"
 
 SIGE_DOMAIN = "ai.sige"
 SIGE_OPSET_VERSION = 1
+
+__all__ = ["load", "Engine", "EngineError", "SIGE_DOMAIN", "SIGE_OPSET_VERSION", "__version__"]
+
+
+def __getattr__(name: str):
+    """Lazy public API: ``sige_export.load`` imports the runtime (numpy + onnxruntime, never torch) on first use."""
+    if name in ("load", "Engine", "EngineError"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'sige_export' has no attribute {name!r}")
