@@ -77,6 +77,10 @@ def commit_updates(program: SigeProgram) -> tuple[dict[str, str], list[dict]]:
     statistics, conditioning tensors) keep their primed values, as the edit pass itself does.
     """
     m = program.manifest
+    if m.get("stat_tiles") or m.get("token_rows"):
+        # norm_stats="update" programs also read cached moments that the edit corrects without
+        # writing them back as cache-shaped tensors: commits of such programs re-prime.
+        raise NotImplementedError("programs with edit-updated statistics commit by re-priming")
     caches = set(program.cache_names)
     smaps = {s["name"]: s for s in m["scatter_maps"]}
     nodes = [n for n in program.model.graph.node if n.domain == "ai.sige"]
@@ -168,6 +172,10 @@ class OnnxRuntimeBackend:
         self._dense = self._session(program.dense_model())
         self._commit = None
         self._commit_caches: list[str] = []
+        try:
+            commit_updates(program)
+        except NotImplementedError:
+            self.edit_with_caches = None  # the engine then commits by re-priming
         self._commit_lock = threading.Lock()
 
     def _session(self, model):
@@ -486,7 +494,7 @@ class Engine:
                        index: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
         full = self._edit_inputs(entry, feeds, index)
         run = getattr(self.backend, "edit_with_caches", None)
-        if run is None:  # backend without the commit pass: re-prime (exact, dense cost)
+        if run is None:  # (backends may set it to None when the program does not support it)  # backend without the commit pass: re-prime (exact, dense cost)
             res = self.backend.prime(feeds)
             self._replace(key, entry, feeds, res)
             return res[self._out], "prime"

@@ -23,14 +23,14 @@ ONE_HOT = {"gaugan-cityscapes": 7}  # tiny GauGAN: 7 labels + instance edge
 
 
 @functools.lru_cache(maxsize=None)
-def exported(name: str) -> Path:
+def exported(name: str, norm_stats: str = "original") -> Path:
     """The tiny zoo model exported as a portable program through the CLI's export (cached per session)."""
     from sige_export.cli import ExportOptions, export
 
     out = Path(tempfile.mkdtemp(prefix="sige-rt-")) / f"{name}.sige.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return export(name, "onnx", out, options=ExportOptions(size="tiny"))
+        return export(name, "onnx", out, options=ExportOptions(size="tiny", norm_stats=norm_stats))
 
 
 def inputs(name: str) -> dict[str, np.ndarray]:
@@ -151,6 +151,20 @@ def test_sequential_edits_with_commit(name: str) -> None:
             assert_close(out, got_exact, rtol=1e-5, atol=1e-5, what="first edit: same caches")
     # The committed state is the new baseline: the auto mask of the last inputs is empty.
     e.edit(**{**ins, src: cur})
+    assert e.last_edit.mode == "cached"
+
+
+def test_update_norm_stats_program_commits_by_repriming() -> None:
+    """norm_stats="update" programs read derived feeds (statistics tiles) and commit exactly by re-priming."""
+    name = "ddpm-church256"
+    e = load(exported(name, "update"), crossover_ratio=1.0)
+    ins = inputs(name)
+    e.prime(**ins)
+    x2 = edited(name, ins["x"], synthetic_mask("blob", (32, 32), 0.05, seed=6), seed=7)
+    out = e.edit(x2, ins["t"], commit=True)
+    assert e.last_edit.mode == "sparse" and e.last_edit.commit == "prime"
+    assert psnr(out, e.dense(x2, ins["t"])) > 35
+    e.edit(x2, ins["t"])
     assert e.last_edit.mode == "cached"
 
 
