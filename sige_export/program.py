@@ -104,7 +104,20 @@ def derived_feeds(manifest: dict, index_feeds: dict[str, np.ndarray]) -> dict[st
     grids = {g["name"]: g for g in manifest["indices"]}
     for t in manifest.get("stat_tiles", []):
         out[t["name"]] = stat_tiles(t, [(grids[n], index_feeds[n]) for n in t["grids"]])
+    for t in manifest.get("token_rows", []):
+        out[t["name"]] = token_rows(t, stat_tiles(t, [(grids[n], index_feeds[n]) for n in t["grids"]]))
     return out
+
+
+def token_rows(entry: dict, tiles: np.ndarray) -> np.ndarray:
+    """Flat token positions (int64 [N], ascending) of the pixels of ``tiles`` inside the image."""
+    h, w = entry["resolution"]
+    th, tw = entry["tile"]
+    rr = tiles[:, 0, None, None] + np.arange(th)[None, :, None]
+    cc = tiles[:, 1, None, None] + np.arange(tw)[None, None, :]
+    rr, cc = np.broadcast_arrays(rr, cc)
+    ok = (rr < h) & (cc < w)
+    return np.sort((rr[ok].astype(np.int64) * w + cc[ok]).reshape(-1))
 
 
 def stat_tiles(entry: dict, scattered: list[tuple[dict, np.ndarray]]) -> np.ndarray:

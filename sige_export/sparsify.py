@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import SIGE_DOMAIN
 from .mask import BlockConfig, snap_block
+from .token_rules import Rows, TokenRules
 from .graph import GraphInfo, attrs_of, constants_to_initializers, fold_constants, topological_nodes
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,7 @@ class Rep:
     # A channel concat not materialised: (dense tensor, channels) per part; a conv over it is the
     # sum of convs over the parts with sliced weights, so skip connections are never copied.
     parts: tuple[tuple[str, int], ...] | None = None
+    rows: Rows | None = None  # a token tensor known at the changed tokens only (see token_rules)
     scale: str | None = None  # [B|1, C, 1, 1]
     shift: str | None = None
     act: str | None = None
@@ -392,7 +394,7 @@ class SparsifyResult:
     warnings: list[str]
 
 
-class _Sparsifier:
+class _Sparsifier(TokenRules):
     def __init__(self, prepared: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str]) -> None:
         self.opts = options
         self.model = onnx.ModelProto()
@@ -413,6 +415,7 @@ class _Sparsifier:
         self.indices: dict[str, BlockGrid] = {}
         self.smaps: dict[str, dict] = {}
         self.tiles: dict[str, tuple[int, int]] = {}
+        self.token_rows: dict[str, tuple[int, int]] = {}
         self.warnings: list[str] = []
         self.dense_islands: list[str] = []
         self.sparse_convs: list[str] = []
@@ -477,6 +480,8 @@ class _Sparsifier:
             return rep.full
         if rep.parts is not None:
             return self.b.node("Concat", [self.full(t) for t, _ in rep.parts], EDIT_PREFIX + "concat", axis=1)
+        if rep.rows is not None:
+            return self._materialize_rows(rep.rows)
         p = rep.pending
         assert p is not None
         if p not in self.scattered:
@@ -535,8 +540,11 @@ class _Sparsifier:
         for op in self.ops:
             if not any(o in self.dynamic for n in op.nodes for o in n.output):
                 continue
-            handler: Callable[[Op], bool] = getattr(self, f"_op_{op.kind}", None) or (lambda o: False)
-            if not handler(op):
+            done = self._token_rule(op)
+            if done is None:
+                handler: Callable[[Op], bool] = getattr(self, f"_op_{op.kind}", None) or (lambda o: False)
+                done = handler(op)
+            if not done:
                 self._dense(op)
 
     def _rep_input(self, op: Op, k: int = 0) -> Rep:
@@ -1027,6 +1035,8 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         g.input.append(vi(name, sm["out_resolution"], TensorProto.INT32))
     for k, name in enumerate(sorted(s.tiles)):
         g.input.append(vi(name, [f"T{k}", 2], TensorProto.INT32))
+    for k, name in enumerate(sorted(s.token_rows)):
+        g.input.append(vi(name, [f"R{k}"], TensorProto.INT64))
     for o, eo in zip(dense_outputs, edit_outputs):
         g.output.append(vi(eo, info.shapes.get(o, []), elem.get(o, TensorProto.FLOAT)))
     model = custom_ops.attach_functions(model)
@@ -1051,6 +1061,7 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         "prime": {"inputs": prime_inputs, "outputs": dense_outputs + [c["name"] for c in caches]},
         "edit": {
             "inputs": [EDIT_PREFIX + e for e in s.editable] + sorted(s.indices) + sorted(s.smaps) + sorted(s.tiles)
+            + sorted(s.token_rows)
             + [c["name"] for c in caches],
             "outputs": edit_outputs,
             "edited": {e: EDIT_PREFIX + e for e in s.editable},
@@ -1063,6 +1074,9 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         "stat_tiles": [{"name": n, "resolution": list(hw), "tile": [STAT_TILE, STAT_TILE],
                         "grids": sorted(k for k, g_ in s.indices.items() if g_.out_hw == hw)}
                        for n, hw in sorted(s.tiles.items())],
+        "token_rows": [{"name": n, "resolution": list(hw), "tile": [STAT_TILE, STAT_TILE],
+                        "grids": sorted(k for k, g_ in s.indices.items() if g_.out_hw == hw)}
+                       for n, hw in sorted(s.token_rows.items())],
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.opts.__dict__.items()},
         "sparse_convs": s.sparse_convs,
         "dense_islands": s.dense_islands,
