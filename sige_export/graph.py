@@ -89,7 +89,34 @@ class GraphInfo:
                     info.consumers[i].append(node)
         for o in model.graph.output:
             info.consumers[o.name]  # graph outputs count as uses via is_graph_output
+        missing = [o for n in model.graph.node for o in n.output if o and info.static_shape(o) is None]
+        if missing:
+            info._shapes_from_runtime(missing)
         return info
+
+    def _shapes_from_runtime(self, names: list[str]) -> None:
+        """Shapes ONNX inference could not give (e.g. newer ops), observed by running the model once."""
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        m.graph.output.extend(helper.make_value_info(n, onnx.TypeProto()) for n in names)
+        feeds = {}
+        inits = {i.name for i in m.graph.initializer}
+        for vi in m.graph.input:
+            if vi.name in inits:
+                continue
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            if any(d <= 0 for d in dims):
+                return
+            feeds[vi.name] = np.zeros(dims, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        try:
+            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            values = sess.run(names, feeds)
+        except Exception:  # the caller treats unknown shapes as dense islands
+            return
+        for n, v in zip(names, values):
+            self.shapes[n] = tuple(np.shape(v))
 
     def is_graph_output(self, name: str) -> bool:
         return any(o.name == name for o in self.model.graph.output)

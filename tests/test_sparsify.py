@@ -232,3 +232,53 @@ def test_unknown_op_becomes_warned_dense_island() -> None:
     with pytest.warns(UserWarning, match="CumSum"):
         result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
     assert any("CumSum" in w for w in result.warnings)
+
+
+def _check_program_against_dense(dense: onnx.ModelProto, feeds: dict[str, np.ndarray], edited_name: str) -> Engine:
+    """Unedited edit == prime and (update mode) all blocks == the dense model in onnxruntime."""
+    import onnxruntime as ort
+
+    engine = _engine(dense, norm_stats="update")
+    primed = engine.prime(**feeds)
+    h, w = feeds[edited_name].shape[2:]
+    m = np.zeros((h, w), bool)
+    m[h // 3:h // 2, w // 4:w // 2] = True
+    assert_close(engine.edit(**feeds, mask=m), primed, rtol=1e-5, atol=1e-5, what="edit(unedited) vs prime")
+    edited = dict(feeds)
+    edited[edited_name] = feeds[edited_name] + np.random.default_rng(5).normal(
+        size=feeds[edited_name].shape).astype(np.float32)
+    sess = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, edited)[0]
+    assert_close_relative(_edit_all_blocks(engine, edited), ref, rel=1e-4, what="all blocks vs dense")
+    return engine
+
+
+def test_dynamo_exporter_graph(resblock) -> None:
+    model, inputs, _ = resblock
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, input_names=list(inputs),
+                                  output_names=["out"]).model_proto
+    engine = _check_program_against_dense(dense, {k: v.numpy() for k, v in inputs.items()}, "x")
+    assert len(engine.manifest["sparse_convs"]) == 7
+
+
+def test_group_normalization_op() -> None:
+    """GroupNormalization (opset 21, per-channel scale/bias) folds like the exporters' pattern."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(1, 0.1, size=c).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(0, 0.1, size=c).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(size=(4, c, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["h", "gamma", "beta"], ["n"], num_groups=2, epsilon=1e-5),
+             helper.make_node("Sigmoid", ["n"], ["s"]), helper.make_node("Mul", ["n", "s"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["out"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 24, 24])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 24, 24])], inits)
+    dense = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    engine = _check_program_against_dense(dense, {"x": rng.normal(size=(1, 4, 24, 24)).astype(np.float32)}, "x")
+    assert engine.manifest["dense_islands"] == []
