@@ -140,8 +140,12 @@ sys.meta_path.insert(0, _Block())
 from sige_export.bench import main
 try:
     main(sys.argv[1:])
-finally:
-    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+    rc = 0
+except SystemExit as e:
+    rc = e.code
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+#EXTRA
+sys.exit(rc)
 """
 
 

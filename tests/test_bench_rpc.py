@@ -184,3 +184,19 @@ def test_wrong_target_artifact(tracker: str, built: tuple[Path, Path], tmp_path:
     assert res.exit_code == 2 and "Mach-O" in res.output
     res = _invoke([str(m1), "--edits", "0.05"])  # locally too
     assert res.exit_code == 2 and "m1" in res.output
+
+
+def test_local_artifact_runs_without_torch_or_tvm_compiler(built: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.test_bench import _BLOCK_TORCH
+
+    prog, art = built
+    js = tmp_path / "r.json"
+    code = _BLOCK_TORCH.replace("#EXTRA", 'assert "tvm.relax" not in sys.modules, "the TVM compiler was imported"')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(art), "--program", str(prog), "--edits", "0.05",
+                        "--mask-kind", "blob", "--repeat", "2", "--json", str(js), "-q"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(js.read_text())
+    bench.validate_report(report)
+    assert report["subject"]["kind"] == "artifact" and report["where"]["sige"] == "local"

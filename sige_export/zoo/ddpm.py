@@ -415,7 +415,7 @@ def _pd_entry(name: str, res: int) -> None:
     register(ZooEntry(
         name=name,
         family="diffusion",
-        description=f"Progressive Distillation UNet, LSUN Church {res}; forward(x, t=logSNR) -> [eps, x] (6 ch)",
+        description=f"Progressive Distillation UNet, LSUN Church {res}; forward(x, t=logSNR) -> [x, eps] (6 ch, as diffusion_distillation splits its output)",
         build=build,
         make_inputs=make_inputs,
     ))

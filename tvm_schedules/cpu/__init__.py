@@ -174,6 +174,10 @@ class Conv2dNCHW(ScheduleRule):
         v = _largest_divisor(cout, lanes)
         th = _largest_divisor(eh, self.rh)
         tw = _largest_divisor(ew, self.rw)
+        if (_loop_extent(sch, rh), _loop_extent(sch, rw)) == (1, 1) and ew >= 8 and _largest_divisor(ew, 16) >= 8:
+            # pointwise conv over a wide image: a 1 x 16 row of outputs reads whole cache lines of each
+            # input channel (a 4 x 4 tile touches four lines for 16 bytes each)
+            th, tw = 1, _largest_divisor(ew, 16)
         conv_block = sch.get(conv)
         weight_buf = _buf(conv_block.reads[1]) if len(conv_block.reads) >= 2 else None
 
@@ -341,12 +345,67 @@ class Generic(ScheduleRule):
                 sch.compute_inline(b)
             except Exception:
                 pass
+        # long reductions (GroupNorm mean/variance over C/G x H x W): vectorised partial sums (rfactor)
+        done: set[str] = set()
         for b in _root_blocks(sch):
+            name = sch.get(b).name_hint
+            if _is_spatial(sch, b):
+                continue
+            trial = sch.copy()
+            try:
+                if _vectorized_reduction(trial, trial.get_sblock(name), lanes):
+                    sch = trial
+                    done.add(name)
+            except Exception:
+                pass
+        for b in _root_blocks(sch):
+            if sch.get(b).name_hint in done or sch.get(b).name_hint.endswith("_rf"):
+                continue
             try:
                 _parallel_vectorize(sch, b, lanes)
             except Exception:
                 pass
         return sch
+
+
+def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool:
+    """``spatial... x reduce...`` with a long static reduction: split the fused reduction by the vector
+    width, rfactor the lanes (vector partial sums), parallelise the spatial loops. False if not applicable."""
+    loops = list(sch.get_loops(block))
+    types = _iter_types(sch, block)
+    if len(loops) != len(types):
+        return False
+    nsp = 0
+    for t in types:
+        if t != DATA_PAR:
+            break
+        nsp += 1
+    red = loops[nsp:]
+    if not red or any(t != COMM_REDUCE for t in types[nsp:]):
+        return False
+    exts = [_loop_extent(sch, lp) for lp in red]
+    if None in exts:
+        return False
+    total = 1
+    for e in exts:
+        total *= e
+    if total < min_extent or total % lanes:
+        return False
+    r = sch.fuse(*red) if len(red) > 1 else red[0]
+    _, ri = sch.split(r, [None, lanes])
+    rf = sch.rfactor(ri, 0)
+    rf_loops = list(sch.get_loops(rf))
+    # rf loops: spatial..., r_outer, r_inner(lanes); partial sums init before r_outer, vector body
+    # vector partial sums: a [lanes] accumulator on the stack, fully unrolled (LLVM keeps it in a
+    # register and vectorises the contiguous loads; TIR vectorize refuses loops under a reduction block)
+    sch.set_scope(rf, 0, "local")
+    sch.decompose_reduction(rf, rf_loops[-2])
+    sch.unroll(sch.get_loops(rf)[-1])
+    sp = rf_loops[:nsp]
+    if sp:
+        fused = sch.fuse(*sp) if len(sp) > 1 else sp[0]
+        sch.parallel(fused)
+    return True
 
 
 def default_rules():
