@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
     ap.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick smoke run")
     ap.add_argument("--target", default=None, help="also compile and benchmark an artifact for this target (host)")
+    ap.add_argument("--subjects", default="both", choices=["both", "program", "artifact"],
+                    help="what to benchmark per model: the portable program (onnxruntime), the --target artifact, or both")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="exports and JSON reports")
     ap.add_argument("--output", type=Path, default=HERE / "results.md")
     ap.add_argument("--edits", default="0.01,0.05,0.15,0.33")
@@ -160,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     reports: list[tuple[str, dict]] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         program = export_program(name, args.size, args.work)
-        subjects = [(program, "onnx")]
-        if args.target:
+        subjects = [(program, "onnx")] if args.subjects in ("program", "both") else []
+        if args.target and args.subjects in ("artifact", "both"):
             art = export_artifact(program, args.target)
             if art is not None:
                 subjects.append((art, args.target))
         for subject, tgt in subjects:
             rep = run_bench(subject, program, args.work / f"{name}.{args.size}.{tgt}.json", args)
             if rep is not None:
-                reports.append((f"{name} ({args.size}) - {'portable program in onnxruntime' if tgt == 'onnx' else tgt + ' artifact'}", rep))
+                kind = "portable program in onnxruntime" if tgt == "onnx" else f"{tgt} artifact"
+                reports.append((f"{name} ({args.size}) - {kind}", rep))
+                args.output.write_text(render_markdown(reports, args.size))  # after each run: partial results survive
     args.output.write_text(render_markdown(reports, args.size))
     _log(f"wrote {args.output}")
     return 0 if reports else 1
