@@ -416,6 +416,7 @@ class _Sparsifier(TokenRules):
         self.smaps: dict[str, dict] = {}
         self.tiles: dict[str, tuple[int, int]] = {}
         self.token_rows: dict[str, tuple[int, int]] = {}
+        self.dropped: set[int] = set()  # original nodes the prime pass no longer runs
         self.warnings: list[str] = []
         self.dense_islands: list[str] = []
         self.sparse_convs: list[str] = []
@@ -822,19 +823,26 @@ class _Sparsifier(TokenRules):
         if xs is None or xs[1] % groups:
             return False
         self._ensure_editable(x)
-        if self.opts.norm_stats == "original":
-            mean, var = self._prime_moments(x, groups, op.name)
-            p = self.prime
-            scale, shift = self._norm_affine(p, mean, var, xs, groups, eps, gamma, beta, f"stats/{op.name}")
-            self._affine(x, op.output, self.cache(scale), self.cache(shift))
-            return True
         rep = self.reps[x]
-        if not rep.confined or min(xs[2], xs[3]) < self.opts.sparse_min_res:
+        update = self.opts.norm_stats == "update"
+        if update and (not rep.confined or min(xs[2], xs[3]) < self.opts.sparse_min_res):
             return False
-        mean, var = self._edited_moments(x, rep, groups, op.name)
-        scale, shift = self._norm_affine(self.b, mean, var, xs, groups, eps, gamma, beta, EDIT_PREFIX + "norm")
-        self._affine(x, op.output, scale, shift)
+        mean, var = self._prime_moments(x, groups, op.name)
+        scale, shift = self._norm_affine(self.prime, mean, var, xs, groups, eps, gamma, beta, f"stats/{op.name}")
+        self._normalise_in_prime(op, x, scale, shift)
+        if update:
+            mean, var = self._edited_moments(x, rep, groups, self.cache(mean), self.cache(var))
+            scale, shift = self._norm_affine(self.b, mean, var, xs, groups, eps, gamma, beta, EDIT_PREFIX + "norm")
+            self._affine(x, op.output, scale, shift)
+        else:
+            self._affine(x, op.output, self.cache(scale), self.cache(shift))
         return True
+
+    def _normalise_in_prime(self, op: Op, x: str, scale: str, shift: str) -> None:
+        """The prime pass normalises with the statistics it caches anyway: the original norm nodes go."""
+        scaled = self.prime.node("Mul", [x, scale], f"stats/{op.name}/normalised")
+        self.prime.nodes.append(helper.make_node("Add", [scaled, shift], [op.output], name=f"stats/{op.name}/out"))
+        self.dropped.update(id(n) for n in op.nodes)
 
     def _prime_moments(self, x: str, groups: int, hint: str) -> tuple[str, str]:
         """Prime nodes: mean and variance [B, G, 1] of ``x`` per group (two passes, as the norm does)."""
@@ -847,7 +855,7 @@ class _Sparsifier(TokenRules):
         var = self._reduce(p, "ReduceMean", p.node("Mul", [centered, centered], tag + "/sq"), [2], tag + "/var")
         return mean, var
 
-    def _edited_moments(self, x: str, rep: Rep, groups: int, hint: str) -> tuple[str, str]:
+    def _edited_moments(self, x: str, rep: Rep, groups: int, mean: str, var: str) -> tuple[str, str]:
         """Mean and variance [B, G, 1] of the edited ``x``: cached moments corrected over the scattered tiles.
 
         With d = new - old over the changed tiles and n elements per group:
@@ -857,7 +865,6 @@ class _Sparsifier(TokenRules):
         """
         b, c, h, w = self._nchw(x)
         e = self.b
-        mean, var = (self.cache(t) for t in self._prime_moments(x, groups, hint))
         tiles, tile = self._tiles((h, w))
         grid = BlockGrid((h, w), snap_block(tile, 1, 1, 0))  # a tile is a 1x1 "conv" block: no halo
         shape = e.const(EDIT_PREFIX + "gshape", np.array([b, -1, groups, (c // groups) * tile * tile], np.int64))
@@ -1019,7 +1026,9 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         if full != name:
             s.b.nodes.append(helper.make_node("Identity", [full], [name], name=name))
         edit_outputs.append(name)
-    g.node.extend(s.b.nodes)
+    kept = [n for n in g.node if id(n) not in s.dropped]
+    del g.node[:]
+    g.node.extend(kept + s.b.nodes)
     g.initializer.extend(s.b.inits)
     info = s.info
     elem = {n: info.dtypes.get(n, TensorProto.FLOAT) for n in info.dtypes}
@@ -1039,6 +1048,10 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
         g.input.append(vi(name, [f"R{k}"], TensorProto.INT64))
     for o, eo in zip(dense_outputs, edit_outputs):
         g.output.append(vi(eo, info.shapes.get(o, []), elem.get(o, TensorProto.FLOAT)))
+    # The prime pass's replacement norm nodes come after their consumers in the lists: sort.
+    ordered = topological_nodes(g)
+    del g.node[:]
+    g.node.extend(ordered)
     model = custom_ops.attach_functions(model)
     # Shapes of every tensor (caches become outputs/inputs of the extracted passes).
     model = onnx.shape_inference.infer_shapes(model)
