@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -58,6 +59,9 @@ def export_artifact(program: Path, target: str) -> Path | None:
 
 
 def run_bench(subject: Path, program: Path, out_json: Path, args: argparse.Namespace) -> dict | None:
+    if args.reuse and out_json.is_file():
+        _log(f"reusing {out_json}")
+        return json.loads(out_json.read_text())
     cmd = [sys.executable, "-m", "sige_export.bench", str(subject), "--json", str(out_json),
            "--plot", str(out_json.with_suffix(".png")), "--edits", args.edits, "--mask-kind", args.mask_kind,
            "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--number", str(args.number),
@@ -83,7 +87,23 @@ def _macs(n: int | None) -> str:
     return str(n)
 
 
-def render_markdown(reports: list[tuple[str, dict]], size: str) -> str:
+def _command_line() -> str:
+    """This script's arguments without --note texts (they are printed as notes)."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        if a.startswith("--note="):
+            continue
+        out.append(shlex.quote(a))
+    return " ".join(out)
+
+
+def render_markdown(reports: list[tuple[str, dict]], size: str, notes: list[str] | None = None) -> str:
     if not reports:
         return "# SIGE zoo benchmarks\n\nNo successful runs.\n"
     host = reports[0][1]["machine"]["host"]
@@ -104,6 +124,8 @@ def render_markdown(reports: list[tuple[str, dict]], size: str) -> str:
         f"min_repeat_ms {cfg['min_repeat_ms']}; latencies in ms (p50 / p90 over repeats)",
         "* speedup = p50 of the dense baseline / p50 of the edit; fidelity = edit vs the subject's own dense pass "
         "on the edited inputs",
+        "* command: `python benchmarks/run_zoo_benchmarks.py " + _command_line() + "`",
+        *[f"* note: {n}" for n in notes or []],
         "",
     ]
     for label, rep in reports:
@@ -156,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--number", type=int, default=1)
     ap.add_argument("--min-repeat-ms", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--note", action="append", default=[], help="a line for the header of results.md (repeatable)")
+    ap.add_argument("--reuse", action="store_true", help="reuse JSON reports already in --work (re-render only)")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per sige-bench run")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -172,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             if rep is not None:
                 kind = "portable program in onnxruntime" if tgt == "onnx" else f"{tgt} artifact"
                 reports.append((f"{name} ({args.size}) - {kind}", rep))
-                args.output.write_text(render_markdown(reports, args.size))  # after each run: partial results survive
-    args.output.write_text(render_markdown(reports, args.size))
+                args.output.write_text(render_markdown(reports, args.size, args.note))  # after each run: partial results survive
+    args.output.write_text(render_markdown(reports, args.size, args.note))
     _log(f"wrote {args.output}")
     return 0 if reports else 1
 

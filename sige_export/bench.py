@@ -817,9 +817,18 @@ def run_benchmark(subject: Subject, edits: Sequence[EditSpec], cfg: TimingConfig
 
     ort_sess = None
     t_ort = None
+    shapes = {i["name"]: i["shape"] for i in m["inputs"]}
+    dense_macs = _count_macs(subject.dense_onnx, shapes) if subject.dense_onnx is not None else None
+    edit_model = None
+    if subject.program is not None:
+        from .macs import infer_shapes  # noqa: PLC0415
+
+        edit_model = infer_shapes(subject.program.edit_model())  # a light copy: no large weights held
+    subject.program = None  # full-size weights: keep at most the baseline session's copy
     if subject.dense_onnx is not None:
         progress("onnxruntime dense")
         ort_sess = _ort_session(subject.dense_onnx, threads)
+        subject.dense_onnx = None
         wanted = {i.name for i in ort_sess.get_inputs()}
         ort_feeds = {k: v for k, v in feeds.items() if k in wanted}
         ort_out_name = ort_sess.get_outputs()[0].name
@@ -830,9 +839,6 @@ def run_benchmark(subject: Subject, edits: Sequence[EditSpec], cfg: TimingConfig
     else:
         notes.append("no onnxruntime baseline: the artifact does not carry the dense ONNX; pass --program "
                      "FILE.sige.onnx or --dense-onnx FILE")
-    shapes = {i["name"]: i["shape"] for i in m["inputs"]}
-    dense_macs = _count_macs(subject.dense_onnx, shapes) if subject.dense_onnx is not None else None
-    edit_model = subject.program.edit_model() if subject.program is not None else None
     if edit_model is None:
         notes.append("no sparse MACs: pass --program FILE.sige.onnx (the artifact holds compiled code only)")
 
