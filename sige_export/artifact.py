@@ -169,6 +169,17 @@ def build_artifact(program, target: str, output: str | os.PathLike,
         for t in m.graph.initializer:
             if _liftable(t) and t.name not in weights:
                 weights[t.name] = t
+    # conv weights pre-packed once here ([Cout/v, Cin, kh, kw, v], v = the CPU target's vector width):
+    # stored packed, read packed by the kernels, never repacked per call
+    packed: dict[str, int] = {}
+    if spec.family in ("x86", "arm", "host", "cpu"):
+        from .tvm_schedules.cpu import vector_lanes
+        from .tvm_schedules.packing import pack_width, packable_conv_weights
+
+        lanes = vector_lanes(spec.tvm_target())
+        four_d = [n for n, t in weights.items() if len(t.dims) == 4]
+        for name in sorted(packable_conv_weights(models.values(), four_d)):
+            packed[name] = pack_width(int(weights[name].dims[0]), lanes)
     kinds = _input_kinds(man)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sige-build-", dir=str(output.parent)) as tmpd:
@@ -178,8 +189,13 @@ def build_artifact(program, target: str, output: str | os.PathLike,
         schedule_summary: dict[str, dict] = {}
         for pname, model in models.items():
             lifted, params = _lift_params(model, set(weights))
+            pk = {n: v for n, v in packed.items() if n in params}
+            if pk:
+                from .tvm_schedules.packing import with_packed_inputs
+
+                lifted = with_packed_inputs(lifted, {n: _packed_shape(weights[n].dims, v) for n, v in pk.items()})
             t0 = time.time()
-            lib = compile_program(lifted, spec)
+            lib = compile_program(lifted, spec, packed_weights=set(pk))
             dt = time.time() - t0
             unscheduled = [n for n, r, s in lib.schedule_log if s == "unscheduled"]
             rules: dict[str, int] = {}
@@ -234,12 +250,18 @@ def build_artifact(program, target: str, output: str | os.PathLike,
                 from onnx import numpy_helper
 
                 arr = np.ascontiguousarray(numpy_helper.to_array(weights[name]))
+                if name in packed:
+                    from .tvm_schedules.packing import pack_oihw
+
+                    arr = pack_oihw(arr, packed[name])
                 pad = (-off) % ALIGN
                 f.write(b"\0" * pad)
                 off += pad
                 f.write(arr.tobytes())
                 wmeta.append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype.name, "offset": off,
                               "nbytes": int(arr.nbytes)})
+                if name in packed:  # [O/v, I, kh, kw, v] of the OIHW initializer
+                    wmeta[-1]["layout"] = {"packed": "OIHW", "v": packed[name], "shape": list(weights[name].dims)}
                 off += arr.nbytes
         members.append(WEIGHTS)
         log(f"weights: {len(wmeta)} tensors, {off / 2**20:.1f} MiB (shared by all passes)")
@@ -285,6 +307,11 @@ def build_artifact(program, target: str, output: str | os.PathLike,
             raise
     log(f"artifact: {output} ({output.stat().st_size / 2**20:.1f} MiB, {len(members) + 1} members)")
     return output
+
+
+def _packed_shape(dims, v: int) -> tuple:
+    o, i, kh, kw = (int(d) for d in dims)
+    return (o // v, i, kh, kw, v)
 
 
 # ============================================================================ runtime (no tvm compiler)

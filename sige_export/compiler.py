@@ -288,12 +288,13 @@ def safe_input_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shapes: Mapping[str, Sequence] | None = None,
-                    *, schedule: bool = True) -> CompiledLibrary:
+                    *, schedule: bool = True, packed_weights=()) -> CompiledLibrary:
     """Import, schedule and build ``model`` for ``target``.
 
     ``input_shapes`` maps input names to shapes (ints, or strings for named symbolic dims);
     ``indices`` inputs of ai.sige ops not listed get a symbolic block count, so the library serves
-    any mask without recompiling.
+    any mask without recompiling. ``packed_weights``: graph inputs that hold conv weights pre-packed
+    ``[Cout/v, Cin, kh, kw, v]`` (declared with that shape; ``tvm_schedules.packing``).
     """
     import tvm
 
@@ -306,7 +307,7 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
     model, renamed = safe_input_names(model)
     if input_shapes:
         input_shapes = {renamed.get(k, k): v for k, v in input_shapes.items()}
-    mod = from_sige_onnx(model, input_shapes)
+    mod = from_sige_onnx(model, input_shapes, packed_weights={renamed.get(n, n) for n in packed_weights})
     log: list = []
     tgt = spec.tvm_target()
     ex = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(spec, log, schedule))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import onnx
 
 SIGE_DOMAIN = "ai.sige"
+OUT_EWISE_FUSABLE = 4  # relay/relax OpPatternKind kOutEWiseFusable: elementwise consumers fuse into it
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -84,7 +85,7 @@ def _convert_sparse_conv(bb, inputs, attrs, name):
         return sige_te.sparse_conv2d_te(x, idx, w, b, sc, sf, block=block, strides=strides, group=group, pre=pre)
 
     return bb.emit_te(f, x, idx, w, *present, primfunc_name_hint="sige_sparse_conv2d",
-                      primfunc_attrs={"sige.op": "SigeSparseConv2d"})
+                      primfunc_attrs={"sige.op": "SigeSparseConv2d", "op_pattern": OUT_EWISE_FUSABLE})
 
 
 def _convert_scatter_gather(bb, inputs, attrs, name):
@@ -187,14 +188,38 @@ def _importer_class():
             if bad:
                 raise UnsupportedNodeError("cannot import the ONNX graph:\n  " + "\n  ".join(bad))
 
+        packed_weights: frozenset = frozenset()
+
         def _construct_nodes(self, graph):
             for node in graph.node:
-                if node.domain in STANDARD_DOMAINS:
+                if (node.domain in STANDARD_DOMAINS and node.op_type == "Conv" and len(node.input) > 1
+                        and node.input[1] in self.packed_weights):
+                    self._construct_packed_conv(node)
+                elif node.domain in STANDARD_DOMAINS:
                     super()._construct_nodes(self._OneNode(node))
                 elif node.domain == SIGE_DOMAIN:
                     self._construct_sige(node)
                 else:  # guarded by _check_for_unsupported_ops, kept for subgraphs
                     raise UnsupportedNodeError(f"{_node_label(node)}: unknown op domain {node.domain!r}")
+
+        def _construct_packed_conv(self, node):
+            """ONNX Conv whose weight is pre-packed ``[Cout/v, Cin, kh, kw, v]`` (see ``packing``)."""
+            from . import sige_te
+
+            attrs = self._parse_attr(node.attribute)
+            inputs = [self._nodes[i] if i != "" else None for i in node.input]
+            pads = _ints(attrs, "pads", (0, 0, 0, 0))
+            strides = _ints(attrs, "strides", (1, 1))
+            x, w = inputs[0], inputs[1]
+            b = _opt(inputs, 2)
+
+            def f(x, w, *rest):
+                return sige_te.conv2d_packed_te(x, w, rest[0] if rest else None, pads=pads, strides=strides)
+
+            args = [x, w] + ([b] if b is not None else [])
+            # op_pattern kOutEWiseFusable (as legalized relax.nn.conv2d): FuseOps fuses the epilogue
+            self._nodes[node.output[0]] = self.bb.emit_te(f, *args, primfunc_name_hint="conv2d",
+                                                          primfunc_attrs={"op_pattern": OUT_EWISE_FUSABLE})
 
         def _construct_sige(self, node):
             conv = SIGE_CONVERTERS.get(node.op_type)
@@ -261,7 +286,7 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
 
 
 def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None, *,
-                   keep_params_in_input: bool = False):
+                   keep_params_in_input: bool = False, packed_weights=()):
     """Import a SIGE ONNX model into a Relax ``IRModule`` (function ``main``).
 
     ``shapes`` maps input names to shapes; entries may be ints, strings (named symbolic dims,
@@ -291,4 +316,5 @@ def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
             dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(et).name
     Importer = _importer_class()
     g = Importer(shape_dict, dtypes, keep_params_in_input=keep_params_in_input, sanitize=True)
+    g.packed_weights = frozenset(packed_weights)
     return g.from_onnx(model.graph, opset)

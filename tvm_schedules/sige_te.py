@@ -126,7 +126,14 @@ def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, b
     """SigeSparseConv2d = Conv(SigeGather(x, indices), weight, bias, pads=0, strides, group)."""
     g = gather_te(x, indices, block, pre, scale, shift)
     BN, C, bh, bw = g.shape
-    Cout, Cg, kh, kw = (int(d) for d in weight.shape)
+    packed = len(weight.shape) == 5
+    if packed:  # pre-packed [Cout/v, Cin, kh, kw, v] (tvm_schedules.packing)
+        cov, Cg, kh, kw, pv = (int(d) for d in weight.shape)
+        Cout = cov * pv
+        if int(group) != 1:
+            raise ValueError("SigeSparseConv2d: packed weights need group=1")
+    else:
+        Cout, Cg, kh, kw = (int(d) for d in weight.shape)
     sh, sw = int(strides[0]), int(strides[1])
     oh, ow = (int(bh) - kh) // sh + 1, (int(bw) - kw) // sw + 1
     group = int(group)
@@ -139,11 +146,44 @@ def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, b
 
     def conv(bn, co, i, j):
         ci = rc if group == 1 else tir.floordiv(co, opg) * Cg + rc
-        return te.sum(g[bn, ci, i * sh + rh, j * sw + rw] * weight[co, rc, rh, rw], axis=[rc, rh, rw])
+        wv = weight[tir.floordiv(co, pv), rc, rh, rw, tir.floormod(co, pv)] if packed else weight[co, rc, rh, rw]
+        return te.sum(g[bn, ci, i * sh + rh, j * sw + rw] * wv, axis=[rc, rh, rw])
 
     y = te.compute((BN, Cout, oh, ow), conv, name="sige_conv")
     if bias is not None:
         y = te.compute((BN, Cout, oh, ow), lambda bn, co, i, j: y[bn, co, i, j] + bias[co], name="sige_bias")
+    return y
+
+
+def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1)):
+    """ONNX Conv (group 1, dilation 1) with weights pre-packed ``[Cout/v, Cin, kh, kw, v]``: zero padding
+    (``pad_temp``, only when ``pads`` are not all 0) + ``conv2d_nchw`` (+ ``T_add`` bias)."""
+    B, C, H, W = x.shape
+    cov, Ci, kh, kw, v = (int(d) for d in weight.shape)
+    Cout = cov * v
+    pt, pl, pb, pr = (int(p) for p in pads)
+    sh, sw = int(strides[0]), int(strides[1])
+    if int(C) != Ci:
+        raise ValueError(f"Conv: input channels {C} != packed weight {tuple(weight.shape)}")
+    if any((pt, pl, pb, pr)):
+        def pad(b, c, h, w):
+            inside = tir.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+            return tir.if_then_else(inside, x[b, c, h - pt, w - pl], tir.const(0.0, x.dtype))
+
+        xp = te.compute((B, C, H + pt + pb, W + pl + pr), pad, name="pad_temp")
+    else:
+        xp = x
+    Hp, Wp = xp.shape[2], xp.shape[3]
+    oh = tir.floordiv(Hp - kh, sh) + 1
+    ow = tir.floordiv(Wp - kw, sw) + 1
+    rc = te.reduce_axis((0, Ci), name="rc")
+    rh = te.reduce_axis((0, kh), name="rh")
+    rw = te.reduce_axis((0, kw), name="rw")
+    y = te.compute((B, Cout, oh, ow), lambda b, co, i, j: te.sum(
+        xp[b, rc, i * sh + rh, j * sw + rw] * weight[tir.floordiv(co, v), rc, rh, rw, tir.floormod(co, v)],
+        axis=[rc, rh, rw]), name="conv2d_nchw")
+    if bias is not None:
+        y = te.compute((B, Cout, oh, ow), lambda b, co, i, j: y[b, co, i, j] + bias[co], name="T_add")
     return y
 
 

@@ -142,8 +142,9 @@ class Conv2dNCHW(ScheduleRule):
 
     name = "cpu.conv2d_nchw"
 
-    def __init__(self, rh: int = 4, rw: int = 4):
+    def __init__(self, rh: int = 4, rw: int = 4, small_pixels: int = 1024):
         self.rh, self.rw = rh, rw
+        self.small_pixels = small_pixels  # output pixels below which channel groups go outer
 
     def _find(self, sch):
         for b in _root_blocks(sch):
@@ -171,18 +172,18 @@ class Conv2dNCHW(ScheduleRule):
         cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
         if None in (cout, eh, ew):
             return None
-        v = _largest_divisor(cout, lanes)
+        conv_block = sch.get(conv)
+        weight_buf = _buf(conv_block.reads[1]) if len(conv_block.reads) >= 2 else None
+        prepacked = weight_buf is not None and len(weight_buf.shape) == 5 and _static(weight_buf.shape[4]) is not None
+        v = _static(weight_buf.shape[4]) if prepacked else _largest_divisor(cout, lanes)
         th = _largest_divisor(eh, self.rh)
         tw = _largest_divisor(ew, self.rw)
         if (_loop_extent(sch, rh), _loop_extent(sch, rw)) == (1, 1) and ew >= 8 and _largest_divisor(ew, 16) >= 8:
             # pointwise conv over a wide image: a 1 x 16 row of outputs reads whole cache lines of each
             # input channel (a 4 x 4 tile touches four lines for 16 bytes each)
             th, tw = 1, _largest_divisor(ew, 16)
-        conv_block = sch.get(conv)
-        weight_buf = _buf(conv_block.reads[1]) if len(conv_block.reads) >= 2 else None
-
-        # weights: repack to [Cout/V, Cin/g, kh, kw, V] so each (ci, kh, kw) loads one vector
-        if weight_buf is not None and len(weight_buf.shape) == 4:
+        # weights: repack (unless pre-packed at export: tvm_schedules.packing) to [Cout/V, Cin/g, kh, kw, V] so each (ci, kh, kw) loads one vector
+        if weight_buf is not None and len(weight_buf.shape) == 4 and not prepacked:
             widx = next(k for k, r in enumerate(conv_block.reads) if _buf(r).same_as(weight_buf))
             wread = sch.cache_read(conv, widx, "global")
             sch.transform_layout(wread, ("write", 0), lambda a, b, c, d: (a // v, b, c, d, a % v))
@@ -199,9 +200,21 @@ class Conv2dNCHW(ScheduleRule):
         co_o, co_i = sch.split(co, [None, v])
         oh_o, oh_i = sch.split(oh, [None, th])
         ow_o, ow_i = sch.split(ow, [None, tw])
-        # spatial tile outer (its input tile is gathered/padded once), all output-channel
-        # groups inner; the accumulator tile [RH, RW, V] is laid out with channels innermost
-        sch.reorder(n, oh_o, ow_o, co_o, rc, rh, rw, oh_i, ow_i, co_i)
+        # Few output pixels per weight pass (gathered blocks: a symbolic block count; small images):
+        # output-channel groups outer, so one group's weights [Cin, kh, kw, V] stay in L1/L2 while every
+        # block/tile streams by (the input tile is re-gathered per group: ~36 loads per 4608 FLOPs).
+        # Large images: spatial tile outer (its input tile is gathered/padded once), all groups inner.
+        # Not for SIGE gathers (data-dependent reads with the pre-op: SiLU etc. per element): re-gathering
+        # per group costs more than the weight reuse wins there.
+        n_ext = _loop_extent(sch, n)
+        gathers = any(sch.get(b).name_hint in ("sige_gather", "sige_scatter_gather") for b in before)
+        channels_outer = ((n_ext is None or n_ext * eh * ew <= self.small_pixels) and (cout // v) >= 2
+                          and not gathers)
+        if channels_outer:
+            sch.reorder(co_o, n, oh_o, ow_o, rc, rh, rw, oh_i, ow_i, co_i)
+        else:
+            sch.reorder(n, oh_o, ow_o, co_o, rc, rh, rw, oh_i, ow_i, co_i)
+        # the accumulator tile [RH, RW, V] is laid out with channels innermost
         sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
 
         # data producer (pad / gather / scatter-gather): per tile into a stack buffer
@@ -220,7 +233,7 @@ class Conv2dNCHW(ScheduleRule):
             if _loop_extent(sch, ploops[-1]) is not None and _loop_extent(sch, ploops[-1]) <= 16:
                 sch.unroll(ploops[-1])
 
-        sch.reverse_compute_at(last, co_o, preserve_unit_loops=True)
+        sch.reverse_compute_at(last, ow_o if channels_outer else co_o, preserve_unit_loops=True)
         # epilogue: loops (co, i, j) of the tile; vectorise along j when possible
         eloops = sch.get_loops(last)[-4:]
         try:
@@ -232,7 +245,7 @@ class Conv2dNCHW(ScheduleRule):
         sch.unroll(oh_i)
         sch.unroll(ow_i)
         sch.vectorize(co_i)
-        outer = sch.fuse(n, oh_o, ow_o)
+        outer = sch.fuse(co_o, n, oh_o, ow_o) if channels_outer else sch.fuse(n, oh_o, ow_o)
         sch.parallel(outer)
         sch.decompose_reduction(conv, rc)  # init inherits the vectorised/unrolled inner loops
         return sch

@@ -1,0 +1,82 @@
+"""Dev A/B: edit (and optionally prime) passes of several artifacts of the same program, interleaved in one
+process (noisy shared machine: only side-by-side ratios mean something).
+
+    .venv/bin/python -W ignore benchmarks/perf/ab_edit.py A.host.sige B.host.sige [--ratio 0.012] [--reps 10] [--prime]
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--ratio", type=float, default=0.012)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--prime", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)
+    from sige_export.artifact import open_artifact
+    from sige_export.edits import synthetic_mask
+    from sige_export.program import SigeProgram
+    from sige_export.runtime import Engine
+
+    subj = []
+    for p in a.artifacts:
+        man, be = open_artifact(p, verify=False)
+        eng = Engine(SigeProgram(None, man), be)
+        rng = np.random.default_rng(0)
+        feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in man["inputs"]}
+        if "t" in feeds:
+            feeds["t"] = np.full(feeds["t"].shape, 500.0, np.float32)
+        out = eng.prime(**feeds)
+        mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), a.ratio, seed=0)
+        src = man["mask"]["source"]
+        edited = dict(feeds)
+        edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
+        full = {**eng._entry(None).caches, **eng.edit_feeds(mask)}
+        for name, e in man["edit"]["edited"].items():
+            full[e] = edited[name]
+        y = be.edit(full)
+        subj.append((p, be, feeds, full, out, y[man["edit"]["outputs"][0]], man))
+    ref_p, ref_e = subj[0][4], subj[0][5]
+    for p, be, feeds, full, out, y, man in subj[1:]:
+        print(f"{p}: prime max|d| {np.abs(out - ref_p).max():.2e}, edit max|d| {np.abs(y - ref_e).max():.2e}")
+    te = {s[0]: [] for s in subj}
+    tp = {s[0]: [] for s in subj}
+    for _ in range(a.reps):
+        for p, be, feeds, full, *_ in subj:
+            t = time.perf_counter()
+            be.edit(full)
+            te[p].append(time.perf_counter() - t)
+    if a.prime:
+        for _ in range(max(2, a.reps // 5)):
+            for p, be, feeds, full, *_ in subj:
+                t = time.perf_counter()
+                be.prime(feeds)
+                tp[p].append(time.perf_counter() - t)
+    base = np.median(te[subj[0][0]])
+    for p in te:
+        m = np.median(te[p])
+        s = f"{p}: edit median {m * 1e3:.1f} ms (min {np.min(te[p]) * 1e3:.1f}) = {base / m:.2f}x of first"
+        if tp[p]:
+            s += f"; prime median {np.median(tp[p]) * 1e3:.0f} ms (min {np.min(tp[p]) * 1e3:.0f})"
+        print(s)
+    if a.profile:
+        from bench_tvm_ddpm import _profile
+
+        p, be, feeds, full, *_, man = subj[-1]
+        _profile(Path(p), feeds, full, man, a.threads, 40, passes=("edit",))
+
+
+if __name__ == "__main__":
+    main()
