@@ -56,73 +56,70 @@ DDPM_CHURCH256 = DDPMConfig()
 DDPM_TINY = DDPMConfig(ch=32, ch_mult=(1, 1, 2, 2), attn_resolutions=(8,), resolution=32, norm_groups=8)
 
 
-class DDPMUNet(nn.Module):
-    """ermongroup/ddim ``Model`` (type "simple": no learned variance)."""
+class _LevelUNet(nn.Module):
+    """The DDIM UNet skeleton (ermongroup/ddim names) shared by DDPM and PD; blocks come from factories.
 
-    def __init__(self, config: DDPMConfig = DDPM_CHURCH256):
-        super().__init__()
-        cfg = self.config = config
-        ch, ch_mult, g = cfg.ch, tuple(cfg.ch_mult), cfg.norm_groups
-        self.ch = ch
-        self.temb_ch = ch * 4
+    ``down.{i}.block/attn[/downsample]``, ``mid.block_1/attn_1/block_2``, ``up.{i}.block/attn[/upsample]``,
+    with skip connections concatenated on the way up.
+    """
+
+    def _build_levels(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, resolution: int,
+                      attn_resolutions: tuple[int, ...], res, attn, downsample, upsample) -> int:
+        """Create down/mid/up; returns the channels of the last up level."""
         self.num_resolutions = len(ch_mult)
-        self.num_res_blocks = cfg.num_res_blocks
-
-        def res(cin: int, cout: int) -> ResnetBlock:
-            return ResnetBlock(cin, cout, temb_channels=self.temb_ch, dropout=cfg.dropout, groups=g)
-
-        self.temb = nn.Module()
-        self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, 1, 1)
-
-        curr_res = cfg.resolution
+        self.num_res_blocks = num_res_blocks
+        curr_res = resolution
         in_ch_mult = (1,) + ch_mult
         self.down = nn.ModuleList()
         block_in = ch
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
+            block, attns = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(num_res_blocks):
                 block.append(res(block_in, block_out))
                 block_in = block_out
-                if curr_res in cfg.attn_resolutions:
-                    attn.append(AttnBlock(block_in, groups=g))
+                if curr_res in attn_resolutions:
+                    attns.append(attn(block_in))
             down = nn.Module()
-            down.block, down.attn = block, attn
+            down.block, down.attn = block, attns
             if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, cfg.resamp_with_conv)
+                down.downsample = downsample(block_in)
                 curr_res //= 2
             self.down.append(down)
 
         self.mid = nn.Module()
         self.mid.block_1 = res(block_in, block_in)
-        self.mid.attn_1 = AttnBlock(block_in, groups=g)
+        self.mid.attn_1 = attn(block_in)
         self.mid.block_2 = res(block_in, block_in)
 
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
+            block, attns = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             skip_in = ch * ch_mult[i_level]
-            for i_block in range(cfg.num_res_blocks + 1):
-                if i_block == cfg.num_res_blocks:
+            for i_block in range(num_res_blocks + 1):
+                if i_block == num_res_blocks:
                     skip_in = ch * in_ch_mult[i_level]
                 block.append(res(block_in + skip_in, block_out))
                 block_in = block_out
-                if curr_res in cfg.attn_resolutions:
-                    attn.append(AttnBlock(block_in, groups=g))
+                if curr_res in attn_resolutions:
+                    attns.append(attn(block_in))
             up = nn.Module()
-            up.block, up.attn = block, attn
+            up.block, up.attn = block, attns
             if i_level != 0:
-                up.upsample = Upsample(block_in, cfg.resamp_with_conv)
+                up.upsample = upsample(block_in)
                 curr_res *= 2
             self.up.insert(0, up)
+        return block_in
 
-        self.norm_out = group_norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, 1, 1)
+    def _resample(self, module: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return module(h)
+
+    def _time_input(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = sinusoidal_embedding(t, self.ch)
+        temb = sinusoidal_embedding(self._time_input(t), self.ch)
         temb = self.temb.dense[1](swish(self.temb.dense[0](temb)))
 
         hs = [self.conv_in(x)]
@@ -134,7 +131,7 @@ class DDPMUNet(nn.Module):
                     h = down.attn[i_block](h)
                 hs.append(h)
             if i_level != self.num_resolutions - 1:
-                hs.append(down.downsample(hs[-1]))
+                hs.append(self._resample(down.downsample, hs[-1], temb))
 
         h = hs[-1]
         h = self.mid.block_1(h, temb)
@@ -148,9 +145,32 @@ class DDPMUNet(nn.Module):
                 if len(up.attn) > 0:
                     h = up.attn[i_block](h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = self._resample(up.upsample, h, temb)
 
         return self.conv_out(swish(self.norm_out(h)))
+
+
+class DDPMUNet(_LevelUNet):
+    """ermongroup/ddim ``Model`` (type "simple": no learned variance)."""
+
+    def __init__(self, config: DDPMConfig = DDPM_CHURCH256):
+        super().__init__()
+        cfg = self.config = config
+        ch, g = cfg.ch, cfg.norm_groups
+        self.ch = ch
+        self.temb_ch = ch * 4
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, 1, 1)
+        block_in = self._build_levels(
+            ch=ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks, resolution=cfg.resolution,
+            attn_resolutions=cfg.attn_resolutions,
+            res=lambda cin, cout: ResnetBlock(cin, cout, temb_channels=self.temb_ch, dropout=cfg.dropout, groups=g),
+            attn=lambda c: AttnBlock(c, groups=g),
+            downsample=lambda c: Downsample(c, cfg.resamp_with_conv),
+            upsample=lambda c: Upsample(c, cfg.resamp_with_conv))
+        self.norm_out = group_norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -258,73 +278,35 @@ class PDAttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class PDUNet(nn.Module):
+class PDUNet(_LevelUNet):
     """diffusion_distillation ``UNet`` (unconditional, resblock_resample=True) in PyTorch, NCHW."""
 
     def __init__(self, config: PDConfig = PD_CHURCH128):
         super().__init__()
         cfg = self.config = config
-        ch, ch_mult, g = cfg.ch, tuple(cfg.ch_mult), cfg.norm_groups
+        ch, g = cfg.ch, cfg.norm_groups
         self.ch = ch
-        self.num_resolutions = len(ch_mult)
-        self.num_res_blocks = cfg.num_res_blocks
 
         def res(cin: int, cout: int, resample: str | None = None) -> PDResnetBlock:
             return PDResnetBlock(cin, cout, temb_channels=cfg.emb_ch, dropout=cfg.dropout, resample=resample,
                                  groups=g)
 
-        def attn_block(c: int) -> PDAttnBlock:
-            return PDAttnBlock(c, head_dim=cfg.head_dim, num_heads=cfg.num_heads, groups=g)
-
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, cfg.emb_ch), nn.Linear(cfg.emb_ch, cfg.emb_ch)])
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, 1, 1)
-
-        curr_res = cfg.resolution
-        in_ch_mult = (1,) + ch_mult
-        self.down = nn.ModuleList()
-        block_in = ch
-        for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(cfg.num_res_blocks):
-                block.append(res(block_in, block_out))
-                block_in = block_out
-                if curr_res in cfg.attn_resolutions:
-                    attn.append(attn_block(block_in))
-            down = nn.Module()
-            down.block, down.attn = block, attn
-            if i_level != self.num_resolutions - 1:
-                down.downsample = res(block_in, block_in, "down")
-                curr_res //= 2
-            self.down.append(down)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = res(block_in, block_in)
-        self.mid.attn_1 = attn_block(block_in)
-        self.mid.block_2 = res(block_in, block_in)
-
-        self.up = nn.ModuleList()
-        for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[i_level]
-            skip_in = ch * ch_mult[i_level]
-            for i_block in range(cfg.num_res_blocks + 1):
-                if i_block == cfg.num_res_blocks:
-                    skip_in = ch * in_ch_mult[i_level]
-                block.append(res(block_in + skip_in, block_out))
-                block_in = block_out
-                if curr_res in cfg.attn_resolutions:
-                    attn.append(attn_block(block_in))
-            up = nn.Module()
-            up.block, up.attn = block, attn
-            if i_level != 0:
-                up.upsample = res(block_in, block_in, "up")
-                curr_res *= 2
-            self.up.insert(0, up)
-
+        block_in = self._build_levels(
+            ch=ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks, resolution=cfg.resolution,
+            attn_resolutions=cfg.attn_resolutions, res=res,
+            attn=lambda c: PDAttnBlock(c, head_dim=cfg.head_dim, num_heads=cfg.num_heads, groups=g),
+            downsample=lambda c: res(c, c, "down"), upsample=lambda c: res(c, c, "up"))
         self.norm_out = group_norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, 1, 1)
+
+    def _resample(self, module: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return module(h, temb)  # BigGAN-style resampling res blocks take the time embedding
+
+    def _time_input(self, t: torch.Tensor) -> torch.Tensor:
+        return self.logsnr_input(t) * 1000.0
 
     def logsnr_input(self, logsnr: torch.Tensor) -> torch.Tensor:
         kind = self.config.logsnr_input_type
@@ -337,38 +319,6 @@ class PDUNet(nn.Module):
         if kind == "inv_cos":
             return torch.atan(torch.exp(-0.5 * torch.clamp(logsnr, -20.0, 20.0))) / (0.5 * math.pi)
         raise NotImplementedError(kind)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``t`` is the log-SNR [B] (PD's conditioning signal)."""
-        temb = sinusoidal_embedding(self.logsnr_input(t) * 1000.0, self.ch)
-        temb = self.temb.dense[1](swish(self.temb.dense[0](temb)))
-
-        hs = [self.conv_in(x)]
-        for i_level in range(self.num_resolutions):
-            down = self.down[i_level]
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](hs[-1], temb)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
-                hs.append(h)
-            if i_level != self.num_resolutions - 1:
-                hs.append(down.downsample(hs[-1], temb))
-
-        h = hs[-1]
-        h = self.mid.block_1(h, temb)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb)
-
-        for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](torch.cat([h, hs.pop()], dim=1), temb)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
-            if i_level != 0:
-                h = up.upsample(h, temb)
-
-        return self.conv_out(swish(self.norm_out(h)))
 
 
 # --------------------------------------------------------------------------------------------------------
