@@ -72,7 +72,8 @@ def check_target(target: str) -> str:
 class ExportOptions:
     block_size: Optional[int] = None
     sparse_min_res: Optional[int] = None
-    norm_stats: str = "original"
+    attention_min_res: Optional[int] = None
+    norm_stats: str = "update"
     opset: int = 17
     size: str = "full"
     seed: int = 0
@@ -85,6 +86,8 @@ class ExportOptions:
             kw["block_size"] = self.block_size
         if self.sparse_min_res is not None:
             kw["sparse_min_res"] = self.sparse_min_res
+        if self.attention_min_res is not None:
+            kw["attention_min_res"] = self.attention_min_res
         return SparsifyOptions(**kw)
 
 
@@ -160,13 +163,16 @@ def export_command(
     block_size: Optional[int] = typer.Option(None, "--block-size", help="SIGE block size (sparse targets)"),
     sparse_min_res: Optional[int] = typer.Option(None, "--sparse-min-res",
                                                  help="smallest resolution run sparsely (sparse targets)"),
-    norm_stats: NormStats = typer.Option(NormStats.original, "--norm-stats",
+    attention_min_res: Optional[int] = typer.Option(None, "--attention-min-res",
+                                                    help="transformers on smaller maps run dense (default 64)"),
+    norm_stats: NormStats = typer.Option(NormStats.update, "--norm-stats",
                                          help="normalisation statistics: original or update"),
     size: str = typer.Option("full", "--size", help="zoo model size: full or tiny"),
     seed: int = typer.Option(0, "--seed", help="seed for zoo weights and example inputs"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset of the dense export"),
 ) -> None:
-    opts = ExportOptions(block_size=block_size, sparse_min_res=sparse_min_res, norm_stats=norm_stats.value,
+    opts = ExportOptions(block_size=block_size, sparse_min_res=sparse_min_res, attention_min_res=attention_min_res,
+                         norm_stats=norm_stats.value,
                          opset=opset, size=size, seed=seed)
     try:
         path = export(model, target, output, arch=arch, input_shape=input_shape, trust_pickle=trust_pickle,

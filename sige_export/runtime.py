@@ -73,14 +73,12 @@ def commit_updates(program: SigeProgram) -> tuple[dict[str, str], list[dict]]:
     * ``SigeScatterGather(blocks, base, scatter_map, ...)``: the scattered tensor is never
       materialised; ``SigeScatter(blocks, base, indices of the map)`` computes it.
 
-    Caches no edit scatters into (normalisation scale/shift computed from the original's
-    statistics, conditioning tensors) keep their primed values, as the edit pass itself does.
+    The manifest's ``cache_updates`` adds caches the edit recomputes otherwise (statistics
+    corrected over the changed tiles, token maps written at the changed rows). Caches no edit
+    touches (normalisation scale/shift of the original's statistics, conditioning tensors) keep
+    their primed values, as the edit pass itself does.
     """
     m = program.manifest
-    if m.get("stat_tiles") or m.get("token_rows"):
-        # norm_stats="update" programs also read cached moments that the edit corrects without
-        # writing them back as cache-shaped tensors: commits of such programs re-prime.
-        raise NotImplementedError("programs with edit-updated statistics commit by re-priming")
     caches = set(program.cache_names)
     smaps = {s["name"]: s for s in m["scatter_maps"]}
     nodes = [n for n in program.model.graph.node if n.domain == "ai.sige"]
@@ -113,6 +111,9 @@ def commit_updates(program: SigeProgram) -> tuple[dict[str, str], list[dict]]:
                 extra.append({"op": "SigeScatter", "inputs": [blocks, base, s["indices"]], "output": out,
                               "offset": list(s["offset"]), "stride": list(s["stride"])})
                 updates[base] = out
+    # Caches the edit recomputes without a scatter (corrected statistics, token maps).
+    for cache, tensor in m.get("cache_updates", {}).items():
+        updates.setdefault(cache, tensor)
     return updates, extra
 
 

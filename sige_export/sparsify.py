@@ -64,7 +64,10 @@ class SparsifyOptions:
     block_size_1x1: int = 4  # for 1x1 convolutions (the paper's 4)
     sparse_min_res: int = 16  # convolutions whose input min(H, W) is smaller run dense
     attention_min_res: int = 64  # attention regions below run dense (scatter first)
-    norm_stats: str = "original"  # "original" (paper: cached stats) or "update" (exact for the edit)
+    # "update": statistics exact for the edited input, corrected over the changed tiles (same MACs;
+    # the fidelity report shows it equal at small edits and far better at large ones: ddpm-church256
+    # 33% blob 29.6 dB vs 4.8 dB, gancomp-gaugan 35.0 vs 31.7 dB). "original": the paper's cached stats.
+    norm_stats: str = "update"
     mask_eps: float = 1e-3  # difference threshold of the runtime's automatic mask
     mask_dilation: int = 1  # dilation of the mask at every level (paper's default 1)
     editable_inputs: tuple[str, ...] | None = None  # default: the first graph input
@@ -417,6 +420,7 @@ class _Sparsifier(TokenRules):
         self.tiles: dict[str, tuple[int, int]] = {}
         self.token_rows: dict[str, tuple[int, int]] = {}
         self.dropped: set[int] = set()  # original nodes the prime pass no longer runs
+        self.cache_updates: dict[str, str] = {}  # cache -> edit tensor holding its edited value (not scatters)
         self.warnings: list[str] = []
         self.dense_islands: list[str] = []
         self.sparse_convs: list[str] = []
@@ -831,7 +835,9 @@ class _Sparsifier(TokenRules):
         scale, shift = self._norm_affine(self.prime, mean, var, xs, groups, eps, gamma, beta, f"stats/{op.name}")
         self._normalise_in_prime(op, x, scale, shift)
         if update:
-            mean, var = self._edited_moments(x, rep, groups, self.cache(mean), self.cache(var))
+            new_mean, new_var = self._edited_moments(x, rep, groups, self.cache(mean), self.cache(var))
+            self.cache_updates.update({mean: new_mean, var: new_var})
+            mean, var = new_mean, new_var
             scale, shift = self._norm_affine(self.b, mean, var, xs, groups, eps, gamma, beta, EDIT_PREFIX + "norm")
             self._affine(x, op.output, scale, shift)
         else:
@@ -1084,6 +1090,8 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
                  "eps": s.opts.mask_eps, "dilation": s.opts.mask_dilation},
         "indices": [{"name": n, **g_.to_json()} for n, g_ in sorted(s.indices.items())],
         "scatter_maps": [{"name": n, **v} for n, v in sorted(s.smaps.items())],
+        # Edited values of caches the edit recomputes other than by scattering (statistics, token maps).
+        "cache_updates": dict(sorted(s.cache_updates.items())),
         "stat_tiles": [{"name": n, "resolution": list(hw), "tile": [STAT_TILE, STAT_TILE],
                         "grids": sorted(k for k, g_ in s.indices.items() if g_.out_hw == hw)}
                        for n, hw in sorted(s.tiles.items())],

@@ -27,7 +27,7 @@ class Rows:
     """A tensor known at ``rows`` of its token axis: ``values`` has the token axis cut to those rows."""
 
     values: str
-    base: str  # cached full tensor
+    tensor: str  # the dense tensor: its cache is the base the rows are written into
     rows: str  # int64 [N] token positions (graph input)
     axis: int  # token axis in the dense tensor's shape
     length: int  # tokens in the full tensor (H * W)
@@ -41,20 +41,22 @@ class TokenRules:
         self.token_rows[name] = hw
         return name
 
-    def _materialize_rows(self, r: Rows, rank: int | None = None) -> str:
-        """The cached full tensor with the changed rows written in (ScatterElements along the token axis)."""
+    def _materialize_rows(self, r: Rows, base: str | None = None) -> str:
+        """The cached full tensor with the changed rows written in (ScatterElements along the token axis).
+
+        The result is the new value of that cache: recorded for commits.
+        """
         b = self.b
-        index_shape = [1] * (rank or len(self._rows_rank(r)))
+        shape = self.info.static_shape(r.tensor)
+        index_shape = [1] * len(shape)
         index_shape[r.axis] = -1
         idx = b.node("Reshape", [r.rows, b.const("edit/rows_shape", np.array(index_shape, np.int64))], "edit/rows_idx")
         idx = b.node("Expand", [idx, b.node("Shape", [r.values], "edit/rows_values_shape")], "edit/rows_idx")
-        return b.node("ScatterElements", [r.base, idx, r.values], "edit/rows_scatter", axis=r.axis)
-
-    def _rows_rank(self, r: Rows) -> tuple:
-        shape = self.info.static_shape(r.base)
-        if shape is None:
-            raise AssertionError(f"no static shape for {r.base}")
-        return shape
+        out = b.node("ScatterElements", [base or self.cache(r.tensor), idx, r.values], "edit/rows_scatter",
+                     axis=r.axis)
+        if base is None:
+            self.cache_updates[r.tensor] = out
+        return out
 
     def _gather_rows(self, full: str, rows: str, axis: int) -> str:
         return self.b.node("Gather", [full, rows], "edit/rows_gather", axis=axis)
@@ -92,7 +94,7 @@ class TokenRules:
                            "edit/tokens")
         from .sparsify import Rep
 
-        self.reps[op.output] = Rep(rows=Rows(self._gather_rows(flat, rows, 2), self.cache(op.output), rows, 2,
+        self.reps[op.output] = Rep(rows=Rows(self._gather_rows(flat, rows, 2), op.output, rows, 2,
                                              ys[2]), confined=True)
         return True
 
@@ -111,15 +113,16 @@ class TokenRules:
                 target[a] = -1  # the number of rows varies per edit
                 values = self.b.node("Reshape", [r.values, self.b.const("edit/shape", np.array(target, np.int64))],
                                      "edit/rows_reshape")
-                self.reps[op.output] = Rep(rows=replace(r, values=values, base=self.cache(op.output), axis=a),
+                self.reps[op.output] = Rep(rows=replace(r, values=values, tensor=op.output, axis=a),
                                            confined=True)
                 return True
         # Leaving: the token axis splits into (H, W) of a feature map; scatter the rows into it.
         if len(ys) == 4 and ys[2] * ys[3] == r.length and r.axis == len(xs) - 1 and tuple(xs[:-1]) == ys[:2]:
             flat = self.b.node("Reshape", [self.cache(op.output),
                                            self.b.const("edit/flat_shape", np.array(xs, np.int64))], "edit/map_flat")
-            full = self._materialize_rows(replace(r, base=flat), rank=len(xs))
+            full = self._materialize_rows(r, base=flat)
             out = self.b.node("Reshape", [full, self.b.const("edit/map_shape", np.array(ys, np.int64))], "edit/map")
+            self.cache_updates[op.output] = out
             self.reps[op.output] = Rep(full=out, confined=True)
             return True
         return False
@@ -130,14 +133,14 @@ class TokenRules:
         r = self.reps[op.inputs[0]].rows
         perm = list(op.attrs["perm"])
         values = self.b.node("Transpose", [r.values], "edit/rows_transpose", perm=perm)
-        self.reps[op.output] = Rep(rows=replace(r, values=values, base=self.cache(op.output),
+        self.reps[op.output] = Rep(rows=replace(r, values=values, tensor=op.output,
                                                 axis=perm.index(r.axis)), confined=True)
         return True
 
     def _rows_result(self, op: "Op", r: Rows, values: str) -> bool:
         from .sparsify import Rep
 
-        self.reps[op.output] = Rep(rows=replace(r, values=values, base=self.cache(op.output)), confined=True)
+        self.reps[op.output] = Rep(rows=replace(r, values=values, tensor=op.output), confined=True)
         return True
 
     def _emit_like(self, op: "Op", inputs: list[str]) -> str:

@@ -154,18 +154,23 @@ def test_sequential_edits_with_commit(name: str) -> None:
     assert e.last_edit.mode == "cached"
 
 
-def test_update_norm_stats_program_commits_by_repriming() -> None:
-    """norm_stats="update" programs read derived feeds (statistics tiles) and commit exactly by re-priming."""
+def test_update_norm_stats_program_commits_at_edit_cost() -> None:
+    """norm_stats="update" programs read derived feeds (statistics tiles); their commit writes the
+    corrected statistics and scattered blocks into the caches (no re-prime)."""
     name = "ddpm-church256"
     e = load(exported(name, "update"), crossover_ratio=1.0)
     ins = inputs(name)
     e.prime(**ins)
+    assert e.manifest["cache_updates"], "the program lists the statistics the edit corrects"
     x2 = edited(name, ins["x"], synthetic_mask("blob", (32, 32), 0.05, seed=6), seed=7)
     out = e.edit(x2, ins["t"], commit=True)
-    assert e.last_edit.mode == "sparse" and e.last_edit.commit == "prime"
+    assert e.last_edit.mode == "sparse" and e.last_edit.commit == "scatter"
     assert psnr(out, e.dense(x2, ins["t"])) > 35
     e.edit(x2, ins["t"])
     assert e.last_edit.mode == "cached"
+    # A second edit on top of the committed caches still tracks dense.
+    x3 = edited(name, x2, synthetic_mask("blob", (32, 32), 0.05, seed=8), seed=9)
+    assert psnr(e.edit(x3, ins["t"]), e.dense(x3, ins["t"])) > 30
 
 
 def test_commit_api() -> None:
