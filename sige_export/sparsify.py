@@ -28,7 +28,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import SIGE_DOMAIN
 from .mask import BlockConfig, snap_block
 from .token_rules import Rows, TokenRules
 from .graph import GraphInfo, attrs_of, constants_to_initializers, fold_constants, topological_nodes
@@ -551,12 +550,6 @@ class _Sparsifier(TokenRules):
                 done = handler(op)
             if not done:
                 self._dense(op)
-
-    def _rep_input(self, op: Op, k: int = 0) -> Rep:
-        name = op.inputs[k]
-        if name in self.editable and name not in self.reps:
-            self.reps[name] = Rep(full=EDIT_PREFIX + name)
-        return self.reps[name]
 
     def _ensure_editable(self, name: str) -> None:
         if name in self.editable and name not in self.reps:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .sparsify import Op, Rep
+    from .sparsify import Op
 
 ROW_WISE_UNARY = {"Erf", "Sigmoid", "Tanh", "Relu", "Sqrt", "Neg", "Exp", "Cast", "Identity", "Gelu", "Silu"}
 ROW_WISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}

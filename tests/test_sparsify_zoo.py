@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 
-from sige_export import mask as masks
 from sige_export import zoo
 from sige_export.frontend import load_model, to_dense_onnx
 from sige_export.program import SigeProgram, all_grid_indices, derived_feeds
