@@ -31,7 +31,7 @@ def apply_rules_to_func(func, target, rules: Sequence[ScheduleRule], log: Option
             sch = rule.apply(func, target)
         except Exception as e:  # a rule that fails to schedule falls through to the next one
             if log is not None:
-                log.append((name, rule.name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                log.append((name, rule.name, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"))
             continue
         if sch is None:
             continue
