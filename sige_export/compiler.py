@@ -34,6 +34,11 @@ def relax_pipeline(spec: TargetSpec, schedule_log: list | None = None, schedule:
     target = spec.tvm_target()
     rules = rules_for(spec.family) if schedule else []
     is_cuda = spec.family == "cuda"
+    if not is_cuda:
+        # vectorised exp/sigmoid (LLVM would call scalar expf per lane): tvm_schedules.cpu.fastmath
+        from .tvm_schedules.cpu import fastmath
+
+        fastmath.register()
 
     @tvm.transform.module_pass(opt_level=0, name="SigeRelaxPipeline")
     def _pipeline(mod, _ctx):

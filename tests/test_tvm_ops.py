@@ -223,3 +223,36 @@ def test_mixed_graph_standard_ops_delegate():
         idx = gather_grid(n)
         c = custom_ops.reference("SigeSparseConv2d", np.maximum(x, 0), idx, w, block=[6, 6], strides=[1, 1])
         assert_close(lib.run(x, idx), 1 / (1 + np.exp(-c)), what=f"mixed N={n}")
+
+
+def test_gather_of_channel_concat_reads_parts():
+    """A channel Concat consumed only by SigeGathers is never materialised (the gathers read its parts)."""
+    nodes = [helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Concat", ["ar", "b"], ["cat"], axis=1),
+             custom_ops.make_node("SigeGather", ["cat", "idx", "scale", "shift"], ["y"], **GATHER_ATTRS),
+             custom_ops.make_node("SigeGather", ["cat", "idx"], ["z"], block=[6, 6])]
+    m = make_model(nodes, [vi("a", [B, 3, H, W]), vi("b", [B, C - 3, H, W]), idx_type(), vi("scale", [C, 1, 1]),
+                           vi("shift", [1, C, 1, 1])], [vi("y", None), vi("z", None)])
+    lib = compile_program(m, "host", {"a": (B, 3, H, W), "b": (B, C - 3, H, W)})
+    assert not any("concatenate" in n for n, _, _ in lib.schedule_log), lib.schedule_log
+    a, b, sc, sh = f32(B, 3, H, W), f32(B, C - 3, H, W), f32(C, 1, 1), f32(1, C, 1, 1)
+    cat = np.concatenate([np.maximum(a, 0), b], 1)
+    for n in (4, 0):
+        idx = gather_grid(n)
+        y, z = lib.run(a, b, idx, sc, sh)
+        assert_close(y, custom_ops.reference("SigeGather", cat, idx, sc, sh, **GATHER_ATTRS), what=f"concat gather N={n}")
+        assert_close(z, custom_ops.reference("SigeGather", cat, idx, block=[6, 6]), what=f"concat gather N={n}")
+
+
+def test_fast_exp_sigmoid_accuracy():
+    """CPU targets lower exp/sigmoid to a vectorised polynomial (tvm_schedules.cpu.fastmath)."""
+    x = np.concatenate([np.linspace(-120, 120, 4093), RNG.standard_normal(3) * 4]).astype(np.float32).reshape(1, 4096)
+    nodes = [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Sigmoid", ["x"], ["s"])]
+    m = make_model(nodes, [vi("x", [1, 4096])], [vi("e", None), vi("s", None)])
+    e, s = compile_program(m, "host", {"x": (1, 4096)}).run(x)
+    xd = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref_e = np.exp(xd)
+    ok = xd < 88.0
+    assert np.all(np.abs(e[ok] - ref_e[ok]) <= 1e-6 * ref_e[ok] + 1e-37)
+    assert np.abs(s - 1 / (1 + np.exp(-xd))).max() < 1e-6

@@ -32,6 +32,14 @@ def _node_label(node: onnx.NodeProto) -> str:
     return f"node {node.name or '<unnamed>'!r} (op_type {node.op_type!r}, domain {node.domain!r})"
 
 
+class VirtualConcat:
+    """A channel ``Concat`` whose only consumers are ``SigeGather`` x inputs: never materialised, the
+    gathers read its parts (``sige_te.concat_load``)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+
 # -- ai.sige converters -----------------------------------------------------------------------
 def _ints(attrs, key, default=None):
     v = attrs.get(key, default)
@@ -55,13 +63,15 @@ def _convert_gather(bb, inputs, attrs, name):
     scale, shift = _opt(inputs, 2), _opt(inputs, 3)
     pre = sige_te.PreOp.from_attrs(attrs)
     block = _ints(attrs, "block")
-    args = [x, idx] + [t for t in (scale, shift) if t is not None]
+    xs = list(x.parts) if isinstance(x, VirtualConcat) else [x]
+    nx = len(xs)
+    args = xs + [idx] + [t for t in (scale, shift) if t is not None]
 
-    def f(x, idx, *rest):
-        rest = list(rest)
+    def f(*a):
+        xparts, idx, rest = list(a[:nx]), a[nx], list(a[nx + 1:])
         sc = rest.pop(0) if scale is not None else None
         sf = rest.pop(0) if shift is not None else None
-        return sige_te.gather_te(x, idx, block, pre, sc, sf)
+        return sige_te.gather_te(xparts if nx > 1 else xparts[0], idx, block, pre, sc, sf)
 
     return bb.emit_te(f, *args, primfunc_name_hint="sige_gather", primfunc_attrs={"sige.op": "SigeGather"})
 
@@ -190,8 +200,45 @@ def _importer_class():
 
         packed_weights: frozenset = frozenset()
 
-        def _construct_nodes(self, graph):
+        def _virtual_concats(self, graph) -> set:
+            """Outputs of channel Concats of static 4-D tensors consumed only as SigeGather x inputs."""
+            uses: dict[str, list] = {}
             for node in graph.node:
+                for k, i in enumerate(node.input):
+                    uses.setdefault(i, []).append((node, k))
+            outs = {o.name for o in graph.output}
+            out = set()
+            for node in graph.node:
+                if node.domain not in STANDARD_DOMAINS or node.op_type != "Concat" or len(node.output) != 1:
+                    continue
+                axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+                y = node.output[0]
+                u = uses.get(y, [])
+                if axis not in (1, -3) or y in outs or not u or len(node.input) < 2:
+                    continue
+                if all(n.domain == SIGE_DOMAIN and n.op_type == "SigeGather" and k == 0 for n, k in u):
+                    out.add(y)
+            return out
+
+        def _try_virtual_concat(self, node) -> bool:
+            parts = [self._nodes.get(i) for i in node.input]
+            try:
+                shapes = [[int(d) for d in _shape_of(p)] for p in parts]
+            except Exception:
+                return False
+            if any(len(s) != 4 for s in shapes) or len({(s[0], s[2], s[3]) for s in shapes}) != 1:
+                return False
+            dts = {str(p.ty.dtype) for p in parts}
+            if dts != {"float32"}:
+                return False
+            self._nodes[node.output[0]] = VirtualConcat(parts)
+            return True
+
+        def _construct_nodes(self, graph):
+            virtual = self._virtual_concats(graph)
+            for node in graph.node:
+                if node.output and node.output[0] in virtual and self._try_virtual_concat(node):
+                    continue
                 if (node.domain in STANDARD_DOMAINS and node.op_type == "Conv" and len(node.input) > 1
                         and node.input[1] in self.packed_weights):
                     self._construct_packed_conv(node)

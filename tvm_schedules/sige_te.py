@@ -100,10 +100,28 @@ def _i64(e):
     return e if e.dtype == "int64" else tir.Cast("int64", e)
 
 
-def gather_te(x: te.Tensor, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
+def concat_load(xs: Sequence[te.Tensor], b, c, h, w):
+    """``concat(xs, axis=1)[b, c, h, w]`` without materialising the concatenation (channel select)."""
+    offs, o = [], 0
+    for t in xs:
+        offs.append(o)
+        o += int(t.shape[1])
+    v = None
+    for t, off in zip(xs, offs):
+        cl = tir.max(tir.min(c - off, int(t.shape[1]) - 1), 0)
+        val = t[b, cl, h, w]
+        v = val if v is None else tir.if_then_else(c >= off, val, v)
+    return v
+
+
+def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
               scale: Optional[te.Tensor] = None, shift: Optional[te.Tensor] = None, name: str = "sige_gather"):
-    """``y[b*N+n, c, i, j] = pre(x)[b, c, h_n+i, w_n+j]``, 0 outside the image."""
-    B, C, H, W = x.shape
+    """``y[b*N+n, c, i, j] = pre(x)[b, c, h_n+i, w_n+j]``, 0 outside the image. ``x`` may be a list of
+    tensors: their channel concatenation, read in place (never materialised)."""
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    x = xs[0]
+    B, _, H, W = x.shape
+    C = sum(int(t.shape[1]) for t in xs)
     N = indices.shape[0]
     bh, bw = int(block[0]), int(block[1])
 
@@ -115,7 +133,8 @@ def gather_te(x: te.Tensor, indices: te.Tensor, block: Sequence[int], pre: PreOp
         inside = tir.all(h >= 0, h < H, w >= 0, w < W)
         hc = tir.max(tir.min(h, H - 1), 0)
         wc = tir.max(tir.min(w, W - 1), 0)
-        v = _apply_pre(x[b, c, hc, wc], pre, scale, shift, (b, c, hc, wc))
+        xv = x[b, c, hc, wc] if len(xs) == 1 else concat_load(xs, b, c, hc, wc)
+        v = _apply_pre(xv, pre, scale, shift, (b, c, hc, wc))
         return tir.if_then_else(inside, v, tir.const(0.0, x.dtype))
 
     return te.compute((B * N, C, bh, bw), f, name=name)
