@@ -95,6 +95,16 @@ def _output_buffers(func):
     return names
 
 
+def _buffer_elems(buf) -> Optional[int]:
+    n = 1
+    for d in buf.shape:
+        v = _static(d)
+        if v is None:
+            return None
+        n *= v
+    return n
+
+
 def _func_op(func) -> str:
     return str(func.attrs["sige.op"]) if func.attrs is not None and "sige.op" in func.attrs else ""
 
@@ -349,10 +359,18 @@ class Generic(ScheduleRule):
             return None
         lanes = vector_lanes(target)
         outputs = _output_buffers(func)
-        # inline spatial blocks that are not outputs (into their consumers)
+        # inline spatial blocks that are not outputs (into their consumers), except small ones feeding a
+        # large output (per-channel GroupNorm scale/shift: rsqrt(var + eps) * gamma ...): inlined, they would
+        # be recomputed for every element; materialised, they cost a few hundred scalar ops
+        out_elems = _buffer_elems(_buf(sch.get(blocks[-1]).writes[0])) if sch.get(blocks[-1]).writes else None
+        small: set[str] = set()
         for b in blocks[:-1]:
             blk = sch.get(b)
             if not _is_spatial(sch, b) or any(str(_buf(w).name) in outputs for w in blk.writes):
+                continue
+            n = _buffer_elems(_buf(blk.writes[0])) if blk.writes else None
+            if out_elems and n and n * 64 <= out_elems and out_elems >= 65536:
+                small.add(blk.name_hint)
                 continue
             try:
                 sch.compute_inline(b)
@@ -372,7 +390,7 @@ class Generic(ScheduleRule):
             except Exception:
                 pass
         for b in _root_blocks(sch):
-            if sch.get(b).name_hint in done or sch.get(b).name_hint.endswith("_rf"):
+            if sch.get(b).name_hint in done | small or sch.get(b).name_hint.endswith("_rf"):
                 continue
             try:
                 _parallel_vectorize(sch, b, lanes)
@@ -411,13 +429,18 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
     # rf loops: spatial..., r_outer, r_inner(lanes); partial sums init before r_outer, vector body
     # vector partial sums: a [lanes] accumulator on the stack, fully unrolled (LLVM keeps it in a
     # register and vectorises the contiguous loads; TIR vectorize refuses loops under a reduction block)
-    sch.set_scope(rf, 0, "local")
-    sch.decompose_reduction(rf, rf_loops[-2])
-    sch.unroll(sch.get_loops(rf)[-1])
+    # parallel before decompose_reduction (a subtree holding the init block has no compact dataflow); the
+    # final cross-lane sum goes under the same parallel loop (compute_at), so each thread owns its
+    # partial sums
     sp = rf_loops[:nsp]
+    fused = None
     if sp:
         fused = sch.fuse(*sp) if len(sp) > 1 else sp[0]
         sch.parallel(fused)
+        sch.reverse_compute_at(block, fused)
+    sch.set_scope(rf, 0, "local")
+    sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
+    sch.unroll(sch.get_loops(rf)[-1])
     return True
 
 
