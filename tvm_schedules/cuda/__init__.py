@@ -41,11 +41,18 @@ class SigeCuda(ScheduleRule):
     name = "cuda.sige"
 
     def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or not _func_op(func) or target.kind.name != "cuda":
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
         sch = s_tir.Schedule(func)
-        if _func_op(func) == "SigeSparseConv2d":
-            sch.compute_inline(sch.get_sblock("sige_gather"))
+        op = _func_op(func)
+        try:  # a sparse conv fused with its epilogue keeps its gather block but loses the op attribute
+            gather = sch.get_sblock("sige_gather")
+        except Exception:  # noqa: BLE001 - no such block
+            gather = None
+        if not op and gather is None:
+            return None
+        if gather is not None and op in ("SigeSparseConv2d", ""):
+            sch.compute_inline(gather)
         for b in _root_blocks(sch):
             _bind_block(sch, b)
         return sch
