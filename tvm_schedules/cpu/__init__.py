@@ -318,6 +318,74 @@ class Matmul(ScheduleRule):
         return sch
 
 
+def _memcpy_intrin(h: int, w: int) -> str:
+    """TensorIntrin: copy one contiguous float32 ``[h, w]`` plane with libc ``memcpy``."""
+    from tvm.script import tirx as T
+
+    name = f"sige_cpu_memcpy_f32_{h}x{w}"
+    try:
+        s_tir.TensorIntrin.get(name)
+        return name
+    except Exception:
+        pass
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle):
+        A = T.match_buffer(a, (h, w), "float32", offset_factor=1)
+        B = T.match_buffer(b, (h, w), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:h, 0:w])
+            T.writes(B[0:h, 0:w])
+            for i, j in T.grid(h, w):
+                with T.sblock("copy"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    B[vi, vj] = A[vi, vj]
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle):
+        A = T.match_buffer(a, (h, w), "float32", offset_factor=1)
+        B = T.match_buffer(b, (h, w), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:h, 0:w])
+            T.writes(B[0:h, 0:w])
+            T.evaluate(T.call_extern("handle", "memcpy", B.access_ptr("w"), A.access_ptr("r"), T.uint64(h * w * 4)))
+
+    try:
+        s_tir.TensorIntrin.register(name, desc, impl)
+    except Exception:
+        s_tir.TensorIntrin.get(name)  # registered concurrently
+    return name
+
+
+def _memcpy_planes(sch, block) -> bool:
+    """``y[b, c, :, :] = base[b, c, :, :]``: one libc ``memcpy`` per (b, c) plane, planes in parallel (25-40%
+    faster than the vectorised element loop on full-resolution caches: glibc's copy streams at memory
+    bandwidth). False (schedule untouched) when not applicable."""
+    loops = sch.get_loops(block)
+    if len(loops) != 4:
+        return False
+    blk = sch.get(block)
+    bufs = [_buf(r) for r in blk.reads] + [_buf(w) for w in blk.writes]
+    if any(str(b.dtype) != "float32" for b in bufs):
+        return False
+    h, w = _loop_extent(sch, loops[2]), _loop_extent(sch, loops[3])
+    if h is None or w is None:
+        return False
+    trial = sch.copy()
+    try:
+        tl = trial.get_loops(trial.get_sblock(blk.name_hint))
+        bc = trial.fuse(tl[0], tl[1])
+        trial.parallel(bc)
+        trial.tensorize(tl[2], _memcpy_intrin(h, w))
+    except Exception:
+        return False
+    l0 = sch.get_loops(block)
+    bc = sch.fuse(l0[0], l0[1])
+    sch.parallel(bc)
+    sch.tensorize(l0[2], _memcpy_intrin(h, w))
+    return True
+
+
 class SigeGatherScatter(ScheduleRule):
     """SigeGather / SigeScatterGather / SigeScatter(+BlockResidual): parallel over (blocks x channels)."""
 
@@ -333,7 +401,8 @@ class SigeGatherScatter(ScheduleRule):
             name = sch.get(b).name_hint
             loops = sch.get_loops(b)
             if name == "sige_scatter_copy":
-                _parallel_vectorize(sch, b, lanes)
+                if not _memcpy_planes(sch, b):
+                    _parallel_vectorize(sch, b, lanes)
             elif len(loops) >= 4:
                 fused = sch.fuse(loops[0], loops[1])
                 sch.parallel(fused)
