@@ -323,6 +323,19 @@ class Pending:
     residual: str | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Expr:
+    """An elementwise expression over other values (SPADE's ``norm(x) * (1 + gamma) + beta``).
+
+    A conv over it gathers each leaf at its blocks and evaluates the expression on the small
+    blocks, so the full-size product is never computed; ``emit`` writes the nodes for given
+    leaf values (blocks or, when materialised, full tensors).
+    """
+
+    leaves: tuple[str, ...]
+    emit: Callable[[dict[str, str]], str]
+
+
 @dataclass(frozen=True)
 class Rep:
     """Edit-pass value of a dynamic tensor: act(value * scale + shift), value full or pending."""
@@ -333,6 +346,7 @@ class Rep:
     # sum of convs over the parts with sliced weights, so skip connections are never copied.
     parts: tuple[tuple[str, int], ...] | None = None
     rows: Rows | None = None  # a token tensor known at the changed tokens only (see token_rules)
+    expr: Expr | None = None  # an elementwise expression evaluated where it is gathered
     scale: str | None = None  # [B|1, C, 1, 1]
     shift: str | None = None
     act: str | None = None
@@ -486,6 +500,8 @@ class _Sparsifier(TokenRules):
             return self.b.node("Concat", [self.full(t) for t, _ in rep.parts], EDIT_PREFIX + "concat", axis=1)
         if rep.rows is not None:
             return self._materialize_rows(rep.rows)
+        if rep.expr is not None:
+            return rep.expr.emit({leaf: self.full(leaf) for leaf in rep.expr.leaves})
         p = rep.pending
         assert p is not None
         if p not in self.scattered:
@@ -522,6 +538,14 @@ class _Sparsifier(TokenRules):
     def _affine(self, tensor_in: str, out: str, scale: str | None, shift: str | None) -> None:
         """out = in * scale + shift with per-channel [*, C, 1, 1] scale/shift, folded when possible."""
         rep = self.reps[tensor_in]
+        if rep.expr is not None:
+            def emit(vals: dict[str, str], e: Expr = rep.expr) -> str:
+                v = e.emit(vals)
+                if scale is not None:
+                    v = self.b.node("Mul", [v, scale], EDIT_PREFIX + "blk_scale")
+                return self.b.node("Add", [v, shift], EDIT_PREFIX + "blk_shift") if shift is not None else v
+            self.reps[out] = Rep(expr=Expr(rep.expr.leaves, emit), confined=rep.confined)
+            return
         if rep.act is not None:
             rep = Rep(full=self.full(tensor_in), confined=rep.confined)
         new_scale, new_shift = rep.scale, rep.shift
@@ -535,6 +559,11 @@ class _Sparsifier(TokenRules):
 
     def _set_activation(self, tensor_in: str, out: str, act: str, alpha: float = 0.2) -> None:
         rep = self.reps[tensor_in]
+        if rep.expr is not None:
+            def emit(vals: dict[str, str], e: Expr = rep.expr) -> str:
+                return self._activation(e.emit(vals), act, alpha)
+            self.reps[out] = Rep(expr=Expr(rep.expr.leaves, emit), confined=rep.confined)
+            return
         if rep.act is not None:
             rep = Rep(full=self.full(tensor_in), confined=rep.confined)
         self.reps[out] = replace(rep, act=act, alpha=alpha)
@@ -643,7 +672,7 @@ class _Sparsifier(TokenRules):
                      group: int) -> str:
         """Output blocks of a conv over ``rep`` on ``grid`` (pre-ops fused into the gather)."""
         c = grid.config
-        if self._fusable(rep):
+        if self._fusable(rep) or rep.expr is not None:
             gathered = self._gather(x, rep, grid, idx)
             return self.b.node("Conv", [gathered, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
                                kernel_shape=list(c.kernel), strides=list(c.stride), group=group, pads=[0, 0, 0, 0])
@@ -672,6 +701,13 @@ class _Sparsifier(TokenRules):
 
     def _gather(self, x: str, rep: Rep, grid: BlockGrid, idx: str) -> str:
         """Gathered input blocks [B*N, C, bh, bw] of ``rep`` with its pre-ops applied."""
+        if rep.expr is not None:
+            values = rep.expr.emit({leaf: self._gather(leaf, self.reps[leaf], grid, idx) for leaf in rep.expr.leaves})
+            # Zero outside the image, as the dense conv's padding sees the expression's value.
+            h, w = grid.in_hw
+            ones = self.b.const(EDIT_PREFIX + f"ones{h}x{w}", np.ones((1, 1, h, w), np.float32))
+            inside = self.b.sige("SigeGather", [ones, idx], EDIT_PREFIX + "inside", block=list(grid.config.block))
+            return self.b.node("Mul", [values, inside], EDIT_PREFIX + "blk_expr")
         pre = self._pre_attrs(rep)
         if self._fusable(rep):
             p = rep.pending
@@ -733,6 +769,8 @@ class _Sparsifier(TokenRules):
                                   shortcut_stride=list(sc.grid.config.stride))
                 self.reps[op.output] = Rep(full=out, confined=True)
                 return True
+            if self._elementwise_expr(op, "Add"):
+                return True
             for main_rep, other in ((ra, b), (rb, a)):
                 if (main_rep.pending is not None and main_rep.full is None and main_rep.plain
                         and main_rep.pending.residual is None and self._nchw(other) == self._nchw(op.output)):
@@ -745,7 +783,37 @@ class _Sparsifier(TokenRules):
         return self._static_affine(op, add=True)
 
     def _op_Mul(self, op: Op) -> bool:
+        if all(i in self.dynamic for i in op.inputs):
+            for i in op.inputs:
+                self._ensure_editable(i)
+            return self._elementwise_expr(op, "Mul", always=True)
         return self._static_affine(op, add=False)
+
+    def _elementwise_expr(self, op: Op, op_type: str, always: bool = False) -> bool:
+        """An elementwise op of two same-shape feature maps as an expression gathered where needed.
+
+        Add prefers the scatter-with-residual fusion unless an operand already is an expression;
+        Mul (SPADE's modulation) always becomes one. Batch 1 only (the blocks' validity mask).
+        """
+        a, b = op.inputs
+        xs = self._nchw(op.output)
+        if (xs is None or xs[0] != 1 or self._nchw(a) != xs or self._nchw(b) != xs
+                or min(xs[2], xs[3]) < self.opts.sparse_min_res):
+            return False
+        ra, rb = self.reps[a], self.reps[b]
+        if not (always or ra.expr is not None or rb.expr is not None):
+            return False
+        if ra.rows is not None or rb.rows is not None:
+            return False
+        ea = ra.expr or Expr((a,), lambda vals, t=a: vals[t])
+        eb = rb.expr or Expr((b,), lambda vals, t=b: vals[t])
+
+        def emit(vals: dict[str, str]) -> str:
+            return self.b.node(op_type, [ea.emit(vals), eb.emit(vals)], EDIT_PREFIX + "blk_" + op_type.lower())
+
+        leaves = tuple(dict.fromkeys(ea.leaves + eb.leaves))
+        self.reps[op.output] = Rep(expr=Expr(leaves, emit), confined=ra.confined and rb.confined)
+        return True
 
     def _static_affine(self, op: Op, add: bool) -> bool:
         a, b = op.inputs
