@@ -353,16 +353,13 @@ def test_fresh_process_without_torch(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
 
 
-def test_sige_artifact_without_artifact_module(tmp_path: Path) -> None:
-    try:
-        import sige_export.artifact  # noqa: F401
-    except ImportError:
-        p = tmp_path / "m.host.sige"
-        p.write_bytes(b"not really")
-        with pytest.raises(EngineError, match="sige_export.artifact"):
-            load(p)
-    else:
-        pytest.skip("sige_export.artifact exists: .sige files go to open_artifact")
+def test_junk_sige_file_is_a_clear_error(tmp_path: Path) -> None:
+    from sige_export.artifact import ArtifactError
+
+    p = tmp_path / "m.host.sige"
+    p.write_bytes(b"not really")
+    with pytest.raises(ArtifactError, match="m.host.sige"):
+        load(p)
 
 
 ARTIFACT_NO_TORCH = r"""
