@@ -95,7 +95,7 @@ def _feeds(manifest, rng):
 def bench_model(model: str, a, log) -> dict:
     import onnxruntime as ort
 
-    from bench_tvm_ddpm import _profile
+    from tvm_profile import profile_passes
     from sige_export.artifact import open_artifact
     from sige_export.edits import synthetic_mask
     from sige_export.fidelity import edit_macs
@@ -162,9 +162,9 @@ def bench_model(model: str, a, log) -> dict:
         log(f"{model} @ {r * 100:.1f}%: edit {t_edit * 1e3:.1f} ms ({t_ort / t_edit:.2f}x vs ORT dense, e2e "
             f"{t_ort / t_e2e:.2f}x), MACs ratio {dense_macs / max(emacs, 1):.1f}x")
         if profile is None and a.profile:
-            profile = _profile(art_path, feeds, full, manifest, a.threads, 0, passes=("edit",), quiet=True)["edit"]
+            profile = profile_passes(art_path, feeds, full, manifest, a.threads, 0, passes=("edit",), quiet=True)["edit"]
             if a.profile_prime:
-                profile_prime = _profile(art_path, feeds, full, manifest, a.threads, 0, passes=("prime",), quiet=True)
+                profile_prime = profile_passes(art_path, feeds, full, manifest, a.threads, 0, passes=("prime",), quiet=True)
                 profile = {"edit": profile, "prime": profile_prime["prime"]}
     return {"model": model, "ort_dense_ms": t_ort * 1e3, "prime_ms": t_prime * 1e3, "prime_over_ort": t_prime / t_ort,
             "prime_rel_err": prime_err, "dense_macs": int(dense_macs), "edits": rows, "edit_profile": profile,

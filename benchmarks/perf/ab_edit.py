@@ -72,10 +72,10 @@ def main():
             s += f"; prime median {np.median(tp[p]) * 1e3:.0f} ms (min {np.min(tp[p]) * 1e3:.0f})"
         print(s)
     if a.profile:
-        from bench_tvm_ddpm import _profile
+        from tvm_profile import profile_passes
 
         p, be, feeds, full, *_, man = subj[-1]
-        _profile(Path(p), feeds, full, man, a.threads, 40, passes=("edit",))
+        profile_passes(Path(p), feeds, full, man, a.threads, 40, passes=("edit",))
 
 
 if __name__ == "__main__":

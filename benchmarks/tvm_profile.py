@@ -1,0 +1,95 @@
+"""Per-PrimFunc profile of a host artifact's passes (Relax VM instrumentation): time and GFLOP/s.
+
+Used by ``bench_tvm_zoo.py`` and ``perf/ab_edit.py``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict, threads: int, top: int,
+             passes=("prime", "edit"), quiet: bool = False) -> dict:
+    """Per-PrimFunc profile of the prime and edit executables (Relax VM profiler); returns
+    ``{pass: [{"name", "ms", "calls", "gflop", "gflops"}]}`` (every function, slowest first)."""
+    import tarfile
+    import tempfile
+
+    import tvm
+    from tvm import relax
+
+    from sige_export.artifact import _aligned
+
+    art = manifest["artifact"]
+    with tarfile.open(art_path) as tf, tempfile.TemporaryDirectory() as d:
+        wm = art["weights"]
+        blob = tf.extractfile(wm["member"]).read()
+        weights = {t["name"]: np.frombuffer(blob, np.uint8, t["nbytes"], t["offset"]).view(t["dtype"]).reshape(t["shape"])
+                   for t in wm["tensors"]}
+        result: dict = {}
+        for pname, fd in (("prime", feeds), ("edit", edit_full)):
+            if pname not in passes:
+                continue
+            entry = art["passes"][pname]
+            so = Path(d) / entry["library"]
+            so.write_bytes(tf.extractfile(entry["library"]).read())
+            ex = tvm.runtime.load_module(str(so))
+            vm = relax.VirtualMachine(ex, tvm.cpu())
+            args = [tvm.runtime.tensor(_aligned(np.asarray(fd[i["name"]], dtype=i["dtype"])), tvm.cpu())
+                    for i in entry["inputs"]] + [tvm.runtime.tensor(_aligned(weights[p].copy()), tvm.cpu())
+                                                 for p in entry["params"]]
+            vm["main"](*args)
+            agg: dict[str, list] = {}
+            state = {}
+
+            def instrument(func, sym, before, ret, *cargs):
+                if before:
+                    state["t"] = time.perf_counter()
+                    return 0
+                dt = time.perf_counter() - state["t"]
+                a = agg.setdefault(sym, [0.0, 0, 0.0])
+                a[0] += dt
+                a[1] += 1
+                a[2] += kernel_flops(sym, cargs)
+                return 0
+
+            vm.set_instrument(instrument)
+            t0 = time.perf_counter()
+            vm["main"](*args)
+            wall = time.perf_counter() - t0
+            vm.set_instrument(None)
+            total = sum(v[0] for k, v in agg.items() if not k.startswith("vm."))
+            result[pname] = [{"name": k, "ms": v[0] * 1e3, "calls": v[1], "gflop": v[2] / 1e9,
+                              "gflops": (v[2] / v[0] / 1e9) if v[2] and v[0] else None}
+                             for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])]
+            if quiet:
+                continue
+            print(f"\n[{pname}] per-function (instrumented run {wall * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms, "
+                  f"{len(agg)} functions); top {top}:")
+            for name, (sec, cnt, fl) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+                gf = f"{fl / sec / 1e9:7.1f} GFLOP/s" if fl else " " * 15
+                print(f"  {sec * 1e3:9.3f} ms {100 * sec / max(total, 1e-12):5.1f}%  x{cnt:<3d} {gf}  {name}")
+    return result
+
+
+def kernel_flops(sym: str, args) -> float:
+    """FLOPs of a conv / matmul call from its argument shapes (destination-passing: output last)."""
+    try:
+        shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
+    except Exception:
+        return 0.0
+    if not shapes:
+        return 0.0
+    out = shapes[-1]
+    nout = float(np.prod(out))
+    if "conv" in sym and len(out) == 4:
+        for s in shapes[:-1]:
+            if len(s) == 4 and s[0] == out[1] and s != out:
+                return 2.0 * nout * s[1] * s[2] * s[3]
+            if len(s) == 5 and s[0] * s[4] == out[1]:  # pre-packed [Cout/v, Cin, kh, kw, v]
+                return 2.0 * nout * s[1] * s[2] * s[3]
+    if "matmul" in sym and len(shapes) >= 2:
+        return 2.0 * nout * shapes[0][-1]
+    return 0.0
