@@ -49,7 +49,7 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
                     state["t"] = time.perf_counter()
                     return 0
                 dt = time.perf_counter() - state["t"]
-                a = agg.setdefault(sym, [0.0, 0, 0.0])
+                a = agg.setdefault(sym, [0.0, 0, 0.0, _arg_shapes(cargs)])
                 a[0] += dt
                 a[1] += 1
                 a[2] += kernel_flops(sym, cargs)
@@ -62,16 +62,24 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
             vm.set_instrument(None)
             total = sum(v[0] for k, v in agg.items() if not k.startswith("vm."))
             result[pname] = [{"name": k, "ms": v[0] * 1e3, "calls": v[1], "gflop": v[2] / 1e9,
-                              "gflops": (v[2] / v[0] / 1e9) if v[2] and v[0] else None}
+                              "gflops": (v[2] / v[0] / 1e9) if v[2] and v[0] else None, "shapes": v[3]}
                              for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])]
             if quiet:
                 continue
             print(f"\n[{pname}] per-function (instrumented run {wall * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms, "
                   f"{len(agg)} functions); top {top}:")
-            for name, (sec, cnt, fl) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
+            for name, (sec, cnt, fl, _) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
                 gf = f"{fl / sec / 1e9:7.1f} GFLOP/s" if fl else " " * 15
                 print(f"  {sec * 1e3:9.3f} ms {100 * sec / max(total, 1e-12):5.1f}%  x{cnt:<3d} {gf}  {name}")
     return result
+
+
+def _arg_shapes(args) -> list:
+    """Argument shapes of one call (first call of a function), for the per-layer report."""
+    try:
+        return [[int(d) for d in a.shape] for a in args if hasattr(a, "shape")]
+    except Exception:
+        return []
 
 
 def kernel_flops(sym: str, args) -> float:
