@@ -256,3 +256,42 @@ def test_fast_exp_sigmoid_accuracy():
     ok = xd < 88.0
     assert np.all(np.abs(e[ok] - ref_e[ok]) <= 1e-6 * ref_e[ok] + 1e-37)
     assert np.abs(s - 1 / (1 + np.exp(-xd))).max() < 1e-6
+
+
+def _ort_run(model, feeds):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("hw,strides", [((12, 48), (1, 1)), ((9, 32), (1, 1)), ((10, 32), (2, 2))])
+def test_dense_depthwise_conv(hw, strides):
+    """Depthwise convs over wide rows take the row-vectorised rule and equal onnxruntime (bias + ReLU epilogue)."""
+    c = 6
+    w, bias = f32(c, 1, 3, 3), f32(c)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=c, pads=[1, 1, 1, 1], strides=list(strides)),
+             helper.make_node("Relu", ["c"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, c, *hw])], [vi("y", None)], [init("w", w), init("b", bias)])
+    lib = compile_program(m, "host", {"x": (2, c, *hw)})
+    want_rule = "cpu.depthwise_conv2d" if strides == (1, 1) or (hw[1] // strides[1]) % 16 == 0 else None
+    rules = {r for _, r, _ in lib.schedule_log}
+    if want_rule:
+        assert want_rule in rules, lib.schedule_log
+    x = f32(2, c, *hw)
+    assert_close(lib.run(x), _ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5, what=f"depthwise {hw} s{strides}")
+
+
+def test_reduce_mean_imported_as_sum():
+    """ReduceMean (axes as input or attribute) becomes sum x 1/n, so a variance's (x - m)^2 fuses into it."""
+    x = f32(2, 4, 300)
+    ax = init("axes", np.array([2], np.int64))
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["v"], keepdims=0)]
+    m = make_model(nodes, [vi("x", [2, 4, 300])], [vi("m", None), vi("v", None)], [ax])
+    lib = compile_program(m, "host")
+    names = [n for n, _, _ in lib.schedule_log]
+    assert not any(n.startswith("mean") for n in names), names
+    assert any("subtract" in n and "multiply" in n and "sum" in n for n in names), names
+    mean, var = lib.run(x)
+    assert_close(mean, x.mean(2, keepdims=True), what="mean")
+    assert_close(var, x.var(2), what="variance")

@@ -4,7 +4,8 @@ Every function here builds the *computation* only; the per-target rules in
 ``tvm_schedules.cpu`` / ``tvm_schedules.cuda`` schedule it. Block (``sblock``) names are part of
 the contract with the rules:
 
-* ``sige_gather``  -- pre-op'ed, zero-padded gather of blocks, ``[B*N, C, bh, bw]``
+* ``sige_gather``  -- pre-op'ed, zero-padded gather of blocks, ``[B*N, C, bh, bw]``; with an activation
+  that maps 0 to 0, ``sige_gather_raw`` (loads + affine) followed by ``sige_gather`` (activation)
 * ``sige_conv``    -- the convolution over gathered blocks (reduction over ``rc, rh, rw``)
 * ``sige_bias``    -- bias epilogue of ``sige_conv``
 * ``sige_scatter_copy`` / ``sige_scatter`` / ``sige_shortcut`` -- scatter ops
@@ -96,6 +97,27 @@ def _apply_pre(v, pre: PreOp, scale, shift, idx):
     return affine(_act(v, pre)) if pre.activation_first else _act(affine(v), pre)
 
 
+# act(0) == 0: the zero padding outside the image may be applied before the activation
+_ZERO_PRESERVING = ("relu", "leaky_relu", "silu", "swish", "tanh", "gelu")
+
+
+def _affine_stage(pre: PreOp) -> PreOp:
+    """The part of ``pre`` computed with the (data-dependent) loads of a gather: all of it, or only the
+    affine when the activation can run as a separate elementwise stage (``_activation_stage``)."""
+    if pre.activation in _ZERO_PRESERVING and not pre.activation_first:
+        return PreOp("identity")
+    return pre
+
+
+def _activation_stage(raw: te.Tensor, pre: PreOp, stage1: PreOp, name: str) -> te.Tensor:
+    """``act(raw)`` as its own stage (block ``name``; ``raw`` is ``name + "_raw"``) when ``stage1`` left the
+    activation out: over a block's contiguous outputs it vectorises (SiLU's exp in vector registers),
+    fused with the gather's per-element index arithmetic it does not."""
+    if stage1 == pre:
+        return raw
+    return te.compute(raw.shape, lambda *i: _act(raw(*i), pre), name=name)
+
+
 def _i64(e):
     return e if e.dtype == "int64" else tir.Cast("int64", e)
 
@@ -134,10 +156,12 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
         hc = tir.max(tir.min(h, H - 1), 0)
         wc = tir.max(tir.min(w, W - 1), 0)
         xv = x[b, c, hc, wc] if len(xs) == 1 else concat_load(xs, b, c, hc, wc)
-        v = _apply_pre(xv, pre, scale, shift, (b, c, hc, wc))
+        v = _apply_pre(xv, stage1, scale, shift, (b, c, hc, wc))
         return tir.if_then_else(inside, v, tir.const(0.0, x.dtype))
 
-    return te.compute((B * N, C, bh, bw), f, name=name)
+    stage1 = _affine_stage(pre)
+    return _activation_stage(te.compute((B * N, C, bh, bw), f, name=name + "_raw" if stage1 != pre else name),
+                             pre, stage1, name)
 
 
 def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
@@ -229,10 +253,13 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
         r = tir.floormod(sc, php)
         bv = blocks[tir.max(tir.min(b * N1 + m, BN1 - 1), 0), c, tir.floordiv(r, pw), tir.floormod(r, pw)]
         v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
-        v = _apply_pre(v, pre, scale, shift, (b, c, hc, wc))
+        v = _apply_pre(v, stage1, scale, shift, (b, c, hc, wc))
         return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
 
-    return te.compute((B * N, C, bh, bw), f, name="sige_scatter_gather")
+    name = "sige_scatter_gather"
+    stage1 = _affine_stage(pre)
+    return _activation_stage(te.compute((B * N, C, bh, bw), f, name=name + "_raw" if stage1 != pre else name),
+                             pre, stage1, name)
 
 
 # -- scatter ops: TIR (data-dependent writes) ---------------------------------------------------

@@ -217,7 +217,7 @@ class Conv2dNCHW(ScheduleRule):
         # Not for SIGE gathers (data-dependent reads with the pre-op: SiLU etc. per element): re-gathering
         # per group costs more than the weight reuse wins there.
         n_ext = _loop_extent(sch, n)
-        gathers = any(sch.get(b).name_hint in ("sige_gather", "sige_scatter_gather") for b in before)
+        gathers = any(sch.get(b).name_hint.startswith(("sige_gather", "sige_scatter_gather")) for b in before)
         channels_outer = ((n_ext is None or n_ext * eh * ew <= self.small_pixels) and (cout // v) >= 2
                           and not gathers)
         if channels_outer:
@@ -230,8 +230,10 @@ class Conv2dNCHW(ScheduleRule):
         # data producer (pad / gather / scatter-gather): per tile into a stack buffer
         producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
                                               for r in conv_block.reads)]
+        raw = {sch.get(b).name_hint: b for b in before if sch.get(b).name_hint.endswith("_raw")}
+        staged = [(p, raw[sch.get(p).name_hint + "_raw"]) for p in producers if sch.get(p).name_hint + "_raw" in raw]
         for b in before:
-            if b not in producers:
+            if b not in producers and not any(sch.get(b).same_as(sch.get(r)) for _, r in staged):
                 try:
                     sch.compute_inline(b)
                 except Exception:
@@ -239,9 +241,15 @@ class Conv2dNCHW(ScheduleRule):
         for p in producers:
             sch.compute_at(p, ow_o, preserve_unit_loops=True)
             sch.set_scope(p, 0, "local")
+            stage = next((r for q, r in staged if sch.get(q).same_as(sch.get(p))), None)
+            if stage is not None:  # the tile's loads, then its activation over contiguous [C, th', tw'] vectors
+                sch.compute_at(stage, ow_o, preserve_unit_loops=True)
+                sch.set_scope(stage, 0, "local")
+                _unroll_short(sch, sch.get_loops(stage)[-1])
+                if _vectorize_flat(sch, p, 3, lanes):
+                    continue
             ploops = sch.get_loops(p)[-3:]
-            if _loop_extent(sch, ploops[-1]) is not None and _loop_extent(sch, ploops[-1]) <= 16:
-                sch.unroll(ploops[-1])
+            _unroll_short(sch, ploops[-1])
 
         sch.reverse_compute_at(last, ow_o if channels_outer else co_o, preserve_unit_loops=True)
         # epilogue: loops (co, i, j) of the tile; vectorise along j when possible
@@ -452,6 +460,29 @@ def _memcpy_planes(sch, block) -> bool:
     return True
 
 
+def _unroll_short(sch, loop, limit: int = 16) -> None:
+    e = _loop_extent(sch, loop)
+    if e is not None and e <= limit:
+        sch.unroll(loop)
+
+
+def _vectorize_flat(sch, block, n: int, lanes: int) -> bool:
+    """Fuse the innermost ``n`` (static) loops of ``block``, split by ``lanes`` and vectorise; False (untouched)
+    when their extent is not a multiple of ``lanes``."""
+    loops = sch.get_loops(block)[-n:]
+    total = 1
+    for lp in loops:
+        e = _loop_extent(sch, lp)
+        if e is None:
+            return False
+        total *= e
+    if total % lanes:
+        return False
+    _, v = sch.split(sch.fuse(*loops), [None, lanes])
+    sch.vectorize(v)
+    return True
+
+
 class SigeGatherScatter(ScheduleRule):
     """SigeGather / SigeScatterGather / SigeScatter(+BlockResidual): parallel over (blocks x channels)."""
 
@@ -469,6 +500,18 @@ class SigeGatherScatter(ScheduleRule):
             if name == "sige_scatter_copy":
                 if not _memcpy_planes(sch, b):
                     _parallel_vectorize(sch, b, lanes)
+            elif name.endswith("_raw"):
+                continue  # scheduled with its activation stage
+            elif len(loops) >= 4 and _has_block(sch, name + "_raw"):
+                # one gathered block at a time: its loads + affine (stack), then the activation, vectorised
+                # over the block's contiguous C x bh x bw outputs
+                stage = sch.get_sblock(name + "_raw")
+                sch.parallel(loops[0])
+                sch.compute_at(stage, loops[0], preserve_unit_loops=True)
+                sch.set_scope(stage, 0, "local")
+                _unroll_short(sch, sch.get_loops(stage)[-1])
+                if not _vectorize_flat(sch, b, 3, lanes):
+                    _unroll_short(sch, sch.get_loops(b)[-1])
             elif len(loops) >= 4:
                 fused = sch.fuse(loops[0], loops[1])
                 sch.parallel(fused)
