@@ -940,6 +940,9 @@ class _Sparsifier(TokenRules):
         mean4 = e.node("Unsqueeze", [mean, e.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
                        EDIT_PREFIX + "mean4")  # [B, 1, G, 1]
         d = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
+        # the same difference again for the second sum: each reduction then fuses its own (new - old) and
+        # d is never materialised (TVM's FuseOps fuses elementwise producers into one reduction only)
+        d2 = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
         two_mean = e.node("Add", [mean4, mean4], EDIT_PREFIX + "two_mean")
         centered = e.node("Sub", [e.node("Add", [new, old], EDIT_PREFIX + "new_old"), two_mean],
                           EDIT_PREFIX + "centered")
@@ -951,7 +954,7 @@ class _Sparsifier(TokenRules):
 
         inv_n = e.const(EDIT_PREFIX + "inv_n", np.array(groups / (c * h * w), np.float32))
         dmean = e.node("Mul", [group_sum(d, "delta_sum"), inv_n], EDIT_PREFIX + "dmean")
-        dvar = e.node("Mul", [group_sum(e.node("Mul", [d, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
+        dvar = e.node("Mul", [group_sum(e.node("Mul", [d2, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
                       EDIT_PREFIX + "dvar")
         new_mean = e.node("Add", [mean, dmean], EDIT_PREFIX + "mean")
         new_var = e.node("Sub", [e.node("Add", [var, dvar], EDIT_PREFIX + "var_plus"),

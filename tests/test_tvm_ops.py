@@ -14,7 +14,7 @@ from sige_export.compiler import compile_program
 from sige_export.mask import scatter_map
 from sige_export.tvm_schedules.importer import UnsupportedNodeError, from_sige_onnx
 from tests.helpers import assert_close
-from tests.sige_tvm_cases import grid_indices, init, make_model, vi
+from tests.sige_tvm_cases import grid_indices, init, make_model, ref_conv, vi
 
 RNG = np.random.default_rng(1234)
 B, C, H, W = 2, 8, 11, 13
@@ -295,3 +295,28 @@ def test_reduce_mean_imported_as_sum():
     mean, var = lib.run(x)
     assert_close(mean, x.mean(2, keepdims=True), what="mean")
     assert_close(var, x.var(2), what="variance")
+
+
+def test_conv_of_gathered_concat_is_one_sparse_conv():
+    """Conv(Concat(SigeGather(a, idx, sa, ta), SigeGather(b, idx, -, tb))) -- the up-path of a UNet after the
+    sparsifier -- compiles to one sparse conv (no gather or concatenation materialised) and equals the reference."""
+    ca, cb, co = 5, 11, 16
+    w, bias = f32(co, ca + cb, 3, 3) * 0.2, f32(co)
+    attrs = dict(block=[6, 6], activation="silu")
+    nodes = [custom_ops.make_node("SigeGather", ["a", "idx", "sa", "ta"], ["ga"], **attrs),
+             custom_ops.make_node("SigeGather", ["b", "idx", "", "tb"], ["gb"], **attrs),
+             helper.make_node("Concat", ["ga", "gb"], ["g"], axis=1),
+             helper.make_node("Conv", ["g", "w", "bias"], ["y"])]
+    m = make_model(nodes, [vi("a", [1, ca, H, W]), vi("b", [1, cb, H, W]), idx_type(), vi("sa", [1, ca, 1, 1]),
+                           vi("ta", [1, ca, 1, 1]), vi("tb", [cb, 1, 1])], [vi("y", None)], [init("w", w), init("bias", bias)])
+    lib = compile_program(m, "host", {"a": (1, ca, H, W), "b": (1, cb, H, W)})
+    names = [n for n, _, _ in lib.schedule_log]
+    # only the per-channel scale/shift vectors are concatenated
+    assert not any(n.startswith("sige_gather") for n in names) and names.count("sige_sparse_conv2d") == 1, names
+    a, b, sa, ta, tb = f32(1, ca, H, W), f32(1, cb, H, W), f32(1, ca, 1, 1), f32(1, ca, 1, 1), f32(cb, 1, 1)
+    for n in (4, 0):
+        idx = gather_grid(n)
+        g = np.concatenate([custom_ops.reference("SigeGather", a, idx, sa, ta, **attrs),
+                            custom_ops.reference("SigeGather", b, idx, None, tb, **attrs)], 1)
+        want = ref_conv(g, w, bias)
+        assert_close(lib.run(a, b, idx, sa, ta, tb), want, rtol=1e-4, atol=1e-4, what=f"gathered concat conv N={n}")
