@@ -288,15 +288,15 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                 with T.sblock("sige_scatter_copy"):
                     vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
                     y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-            for bn, c, i, j in T.grid(B * N, C, ph, pw):
+            for b, n, c, i, j in T.grid(B, N, C, ph, pw):
                 with T.sblock("sige_scatter"):
-                    vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
-                    T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2])
-                    T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
-                    r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
-                    q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                    vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
+                    T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2])
+                    T.writes(y[vb, vc, 0:Ho, 0:Wo])
+                    r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
+                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
                     if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                        y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj]
+                        y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj]
         return scatter
 
     if shortcut is None:
@@ -311,15 +311,15 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                 with T.sblock("sige_scatter_copy"):
                     vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
                     y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-            for bn, c, i, j in T.grid(B * N, C, ph, pw):
+            for b, n, c, i, j in T.grid(B, N, C, ph, pw):
                 with T.sblock("sige_scatter"):
-                    vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
-                    T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2], residual[vbn // N, vc, 0:Ho, 0:Wo])
-                    T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
-                    r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
-                    q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                    vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
+                    T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2], residual[vb, vc, 0:Ho, 0:Wo])
+                    T.writes(y[vb, vc, 0:Ho, 0:Wo])
+                    r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
+                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
                     if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                        y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj] + residual[vbn // N, vc, r, q]
+                        y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj] + residual[vb, vc, r, q]
         return scatter_res
 
     sph, spw, soff, sstr = shortcut
@@ -342,25 +342,25 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
             with T.sblock("sige_scatter_copy"):
                 vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
                 y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-        for bn, c, i, j in T.grid(B * N, C, ph, pw):
+        for b, n, c, i, j in T.grid(B, N, C, ph, pw):
             with T.sblock("sige_scatter"):
-                vbn, vc, vi, vj = T.axis.remap("SSSS", [bn, c, i, j])
-                T.reads(blocks[vbn, vc, vi, vj], idx[vbn % N, 0:2], sbase[vbn // N, vc, 0:Ho, 0:Wo])
-                T.writes(y[vbn // N, vc, 0:Ho, 0:Wo])
-                r = T.floordiv(T.Cast("int64", idx[vbn % N, 0]) + oh, sh) + vi
-                q = T.floordiv(T.Cast("int64", idx[vbn % N, 1]) + ow, sw) + vj
+                vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
+                T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
+                T.writes(y[vb, vc, 0:Ho, 0:Wo])
+                r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
+                q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
                 if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                    y[vbn // N, vc, r, q] = blocks[vbn, vc, vi, vj] + sbase[vbn // N, vc, r, q]
-        for bm, c, i, j in T.grid(B * M, C, sph, spw):
+                    y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj] + sbase[vb, vc, r, q]
+        for b, m, c, i, j in T.grid(B, M, C, sph, spw):
             with T.sblock("sige_shortcut"):
-                vbm, vc, vi, vj = T.axis.remap("SSSS", [bm, c, i, j])
+                vb, vm, vc, vi, vj = T.axis.remap("SSSSS", [b, m, c, i, j])
                 # y is read-modify-written at positions no other iteration touches (shortcut blocks
                 # never overlap); leaving it out of T.reads keeps the block data-parallel so the
                 # rules can parallelise / bind it.
-                T.reads(sblocks[vbm, vc, vi, vj], sidx[vbm % M, 0:2], sbase[vbm // M, vc, 0:Ho, 0:Wo])
-                T.writes(y[vbm // M, vc, 0:Ho, 0:Wo])
-                r = T.floordiv(T.Cast("int64", sidx[vbm % M, 0]) + soh, ssh) + vi
-                q = T.floordiv(T.Cast("int64", sidx[vbm % M, 1]) + sow, ssw) + vj
+                T.reads(sblocks[vb * M + vm, vc, vi, vj], sidx[vm, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
+                T.writes(y[vb, vc, 0:Ho, 0:Wo])
+                r = T.floordiv(T.Cast("int64", sidx[vm, 0]) + soh, ssh) + vi
+                q = T.floordiv(T.Cast("int64", sidx[vm, 1]) + sow, ssw) + vj
                 if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                    y[vbm // M, vc, r, q] = y[vbm // M, vc, r, q] + sblocks[vbm, vc, vi, vj] - sbase[vbm // M, vc, r, q]
+                    y[vb, vc, r, q] = y[vb, vc, r, q] + sblocks[vb * M + vm, vc, vi, vj] - sbase[vb, vc, r, q]
     return scatter_block_res

@@ -512,11 +512,18 @@ class SigeGatherScatter(ScheduleRule):
                 _unroll_short(sch, sch.get_loops(stage)[-1])
                 if not _vectorize_flat(sch, b, 3, lanes):
                     _unroll_short(sch, sch.get_loops(b)[-1])
+            elif len(loops) == 5 and name in ("sige_scatter", "sige_shortcut"):  # (b, n, c, i, j)
+                sch.reorder(loops[0], loops[2], loops[1])
+                sch.parallel(sch.fuse(loops[0], loops[2]))
+                _unroll_short(sch, loops[-1])
+            elif len(loops) == 4 and name == "sige_gather" and _loop_extent(sch, loops[1]):
+                sch.reorder(loops[1], loops[0])  # channel planes outer, as for the scatters
+                sch.parallel(loops[1])
+                _unroll_short(sch, loops[-1])
             elif len(loops) >= 4:
                 fused = sch.fuse(loops[0], loops[1])
                 sch.parallel(fused)
-                if _loop_extent(sch, loops[-1]) is not None and _loop_extent(sch, loops[-1]) <= 16:
-                    sch.unroll(loops[-1])
+                _unroll_short(sch, loops[-1])
             else:
                 _parallel_vectorize(sch, b, lanes)
         return sch
