@@ -516,10 +516,6 @@ class SigeGatherScatter(ScheduleRule):
                 sch.reorder(loops[0], loops[2], loops[1])
                 sch.parallel(sch.fuse(loops[0], loops[2]))
                 _unroll_short(sch, loops[-1])
-            elif len(loops) == 4 and name == "sige_gather" and _loop_extent(sch, loops[1]):
-                sch.reorder(loops[1], loops[0])  # channel planes outer, as for the scatters
-                sch.parallel(loops[1])
-                _unroll_short(sch, loops[-1])
             elif len(loops) >= 4:
                 fused = sch.fuse(loops[0], loops[1])
                 sch.parallel(fused)
