@@ -41,7 +41,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -146,9 +146,11 @@ def _requires(spec) -> dict:
 
 
 def build_artifact(program, target: str, output: str | os.PathLike,
-                   log: Callable[[str], None] = lambda s: None) -> Path:
+                   log: Callable[[str], None] = lambda s: None, *, calibrate: bool = False) -> Path:
     """Compile the prime and edit passes of ``program`` (a :class:`SigeProgram`) for ``target`` and write
-    one artifact file to ``output`` (atomically). Returns the path."""
+    one artifact file to ``output`` (atomically). ``calibrate``: measure the dense-fallback crossover on
+    this machine and store it in the artifact (:func:`calibrate_artifact`; the target must run here).
+    Returns the path."""
     import time
 
     import tvm
@@ -282,31 +284,83 @@ def build_artifact(program, target: str, output: str | os.PathLike,
             "schedules": schedule_summary,
             "members": digests,
         }
-        mbytes = json.dumps(full, indent=1, default=str).encode()
-        fd, tmpout = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent))
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                    info = tarfile.TarInfo(MANIFEST)
-                    info.size = len(mbytes)
-                    info.mode = 0o644
-                    tf.addfile(info, io.BytesIO(mbytes))
-                    for m in members:
-                        info = tf.gettarinfo(str(tmp / m), arcname=m)
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        info.mtime = 0
-                        with open(tmp / m, "rb") as src:
-                            tf.addfile(info, src)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmpout, output)
-        except BaseException:
-            if os.path.exists(tmpout):
-                os.unlink(tmpout)
-            raise
+        _write_tar(output, full, [(m, (tmp / m).stat().st_size, lambda m=m: open(tmp / m, "rb")) for m in members])
     log(f"artifact: {output} ({output.stat().st_size / 2**20:.1f} MiB, {len(members) + 1} members)")
+    if calibrate:
+        calibrate_artifact(output, log=log)
     return output
+
+
+def _write_tar(output: Path, manifest: dict, members: list[tuple[str, int, Callable[[], Any]]]) -> None:
+    """Write the artifact tar atomically: the manifest first, then ``(name, size, open)`` members."""
+    mbytes = json.dumps(manifest, indent=1, default=str).encode()
+    fd, tmpout = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent))
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                info = tarfile.TarInfo(MANIFEST)
+                info.size = len(mbytes)
+                info.mode = 0o644
+                tf.addfile(info, io.BytesIO(mbytes))
+                for name, size, opener in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = size
+                    info.mode = 0o644
+                    with opener() as src:
+                        tf.addfile(info, src)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmpout, output)
+    except BaseException:
+        if os.path.exists(tmpout):
+            os.unlink(tmpout)
+        raise
+
+
+def example_feeds(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the program's shapes and dtypes (standard normal; integers 0) for timing runs."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in manifest["inputs"]:
+        dt = np.dtype(i["dtype"])
+        out[i["name"]] = (rng.standard_normal(i["shape"]).astype(dt) if dt.kind == "f"
+                          else np.zeros(i["shape"], dt))
+    return out
+
+
+def calibrate_artifact(path: str | os.PathLike, *, ratios: Sequence[float] = (0.05, 0.15, 0.33, 0.5, 0.7, 0.9),
+                       repeats: int = 2, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure on this machine where sparse edits stop beating the artifact's dense pass
+    (:meth:`Engine.calibrate`) and store it in the artifact's manifest (``runtime.crossover_ratio``, with
+    the timings under ``runtime.calibration``): engines loading the artifact then fall back to dense
+    above it. Rewrites the file atomically; the compiled members are unchanged. Returns the calibration."""
+    import time
+
+    from .program import SigeProgram
+    from .runtime import Engine
+
+    path = Path(path)
+    manifest, backend = open_artifact(path)
+    engine = Engine(SigeProgram(None, manifest), backend)
+    engine.prime(**example_feeds(manifest))
+    t = time.time()
+    cal = engine.calibrate(ratios=ratios, repeats=repeats)
+    log(f"calibrated in {time.time() - t:.1f}s: sparse edits beat dense below {cal['crossover_ratio'] * 100:.0f}% "
+        f"of the image (dense {cal['dense_s'] * 1e3:.1f} ms)")
+    del engine, backend
+    runtime = dict(manifest.get("runtime", {}))
+    runtime["crossover_ratio"] = cal["crossover_ratio"]
+    runtime["calibration"] = {"dense_ms": cal["dense_s"] * 1e3,
+                              "edit_ms": [[r, s * 1e3] for r, s in cal["edit_s"]],
+                              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                              "threads": os.environ.get("TVM_NUM_THREADS", str(os.cpu_count())),
+                              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest = dict(manifest)
+    manifest["runtime"] = runtime
+    with tarfile.open(path, "r:") as tf:
+        members = [m for m in tf.getmembers() if m.name != MANIFEST]
+        _write_tar(path, manifest, [(m.name, m.size, lambda m=m: tf.extractfile(m)) for m in members])
+    return cal
 
 
 def _packed_shape(dims, v: int) -> tuple:
@@ -631,5 +685,5 @@ def open_artifact(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict
     return manifest, backend
 
 
-__all__ = ["ArtifactError", "build_artifact", "open_artifact", "read_manifest", "check_runnable",
+__all__ = ["ArtifactError", "build_artifact", "calibrate_artifact", "example_feeds", "open_artifact", "read_manifest", "check_runnable",
            "verify_members", "TvmArtifactBackend", "FORMAT", "FORMAT_VERSION"]

@@ -77,6 +77,8 @@ class ExportOptions:
     opset: int = 17
     size: str = "full"
     seed: int = 0
+    # measure the dense-fallback crossover after building (None: only for the host target, which runs here)
+    calibrate: Optional[bool] = None
 
     def sparsify_options(self) -> Any:
         from .sparsify import SparsifyOptions  # noqa: PLC0415
@@ -146,7 +148,8 @@ def export(model: str, target: str, output: str | os.PathLike | None = None, *, 
         return program.save(output)
     from .artifact import build_artifact  # noqa: PLC0415
 
-    return build_artifact(program, target, output, log=log)
+    calibrate = options.calibrate if options.calibrate is not None else target == "host"
+    return build_artifact(program, target, output, log=log, calibrate=calibrate)
 
 
 @export_app.command(help="Export MODEL (zoo name or .pt/.pth/.ckpt/.pt2/.onnx file) for --target. "
@@ -170,10 +173,13 @@ def export_command(
     size: str = typer.Option("full", "--size", help="zoo model size: full or tiny"),
     seed: int = typer.Option(0, "--seed", help="seed for zoo weights and example inputs"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset of the dense export"),
+    calibrate: Optional[bool] = typer.Option(
+        None, "--calibrate/--no-calibrate",
+        help="time sparse edits against dense on this machine and store the crossover in the artifact "
+             "(default: on for --target host)"),
 ) -> None:
     opts = ExportOptions(block_size=block_size, sparse_min_res=sparse_min_res, attention_min_res=attention_min_res,
-                         norm_stats=norm_stats.value,
-                         opset=opset, size=size, seed=seed)
+                         norm_stats=norm_stats.value, opset=opset, size=size, seed=seed, calibrate=calibrate)
     try:
         path = export(model, target, output, arch=arch, input_shape=input_shape, trust_pickle=trust_pickle,
                       options=opts, log=lambda s: _err.print(f"[dim]{escape(s)}[/dim]", soft_wrap=True))

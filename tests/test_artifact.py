@@ -28,6 +28,7 @@ pytest.importorskip("tvm")
 
 from onnx import TensorProto, helper, numpy_helper
 
+import sige_export
 from sige_export import zoo
 from sige_export.artifact import ArtifactError, build_artifact, open_artifact, read_manifest
 from sige_export.compiler import cubin_arch, macho_arm64
@@ -348,3 +349,37 @@ def test_build_is_atomic(tmp_path, monkeypatch):
         build_artifact(program, "host", out)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sige"]
+
+
+def test_calibration_stored_in_artifact_drives_the_fallback(small, tmp_path):
+    """``calibrate_artifact`` measures the crossover here, stores it (members untouched, still verified), and
+    engines loading the artifact run edits above it dense and below it sparse, with the same outputs."""
+    import shutil
+
+    from sige_export.artifact import calibrate_artifact
+
+    program, built = small
+    path = tmp_path / "cal.host.sige"
+    shutil.copy(built, path)
+    before = read_manifest(path)
+    cal = calibrate_artifact(path, ratios=(0.1, 0.5), repeats=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.host.sige"]  # no temp file left
+    man = read_manifest(path)
+    assert man["artifact"]["members"] == before["artifact"]["members"]
+    assert 0.0 <= man["runtime"]["crossover_ratio"] <= 1.0
+    assert man["runtime"]["crossover_ratio"] == pytest.approx(cal["crossover_ratio"])
+    assert [r for r, _ in man["runtime"]["calibration"]["edit_ms"]] == [r for r, _ in cal["edit_s"]]
+    open_artifact(path)  # sha256 of every member still matches
+    engine = sige_export.load(path)
+    assert engine.crossover_ratio == pytest.approx(cal["crossover_ratio"])
+    feeds = _inputs(man)
+    engine.prime(**feeds)
+    mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), 0.3, seed=1)
+    ref = Engine(program, OnnxRuntimeBackend(program))
+    ref.prime(**feeds)
+    want = ref.dense(**_edited(man, feeds, mask))
+    for crossover, mode in ((0.0, "dense"), (1.0, "sparse")):
+        engine.crossover_ratio = crossover
+        got = engine.edit(**_edited(man, feeds, mask), mask=mask)
+        assert engine.last_edit.mode == mode
+        assert_close_relative(got, want, rel=REL, what=f"{mode} edit")
