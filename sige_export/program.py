@@ -109,6 +109,14 @@ def derived_feeds(manifest: dict, index_feeds: dict[str, np.ndarray]) -> dict[st
     return out
 
 
+def _tile_span(start: np.ndarray, length: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile indices [n, k] covering ``[start, start + length)`` per row, and which of them are real."""
+    first = np.floor_divide(start, tile)
+    last = np.floor_divide(start + length - 1, tile)
+    t = first[:, None] + np.arange(int((last - first).max()) + 1)[None, :]
+    return t, t <= last[:, None]
+
+
 def token_rows(entry: dict, tiles: np.ndarray) -> np.ndarray:
     """Flat token positions (int64 [N], ascending) of the pixels of ``tiles`` inside the image."""
     h, w = entry["resolution"]
@@ -121,7 +129,8 @@ def token_rows(entry: dict, tiles: np.ndarray) -> np.ndarray:
 
 
 def stat_tiles(entry: dict, scattered: list[tuple[dict, np.ndarray]]) -> np.ndarray:
-    """Top-lefts (int32 [T, 2]) of the aligned tiles covering every output block scattered at a resolution."""
+    """Top-lefts (int32 [T, 2]) of the aligned tiles covering every output block scattered at a resolution
+    (every tile a block overlaps: tiles need not divide the blocks)."""
     h, w = entry["resolution"]
     th, tw = entry["tile"]
     nh, nw = -(-h // th), -(-w // tw)
@@ -133,12 +142,10 @@ def stat_tiles(entry: dict, scattered: list[tuple[dict, np.ndarray]]) -> np.ndar
         sh, sw = grid["stride"]
         r0 = (idx[:, 0].astype(np.int64) + grid["offset"][0]) // sh
         c0 = (idx[:, 1].astype(np.int64) + grid["offset"][1]) // sw
-        # Output blocks are aligned to multiples of the tile, which divides them.
-        rr = (r0[:, None] + np.arange(0, oh, th)[None, :]) // th
-        cc = (c0[:, None] + np.arange(0, ow, tw)[None, :]) // tw
-        rr = np.broadcast_to(rr[:, :, None], (len(idx), rr.shape[1], cc.shape[1]))
-        cc = np.broadcast_to(cc[:, None, :], rr.shape)
-        ok = (rr < nh) & (cc < nw)
+        rr, rok = _tile_span(r0, oh, th)
+        cc, cok = _tile_span(c0, ow, tw)
+        rr, cc = np.broadcast_arrays(rr[:, :, None], cc[:, None, :])
+        ok = rok[:, :, None] & cok[:, None, :] & (rr >= 0) & (rr < nh) & (cc >= 0) & (cc < nw)
         covered[rr[ok], cc[ok]] = True
     ii, jj = np.nonzero(covered)
     return np.stack([ii * th, jj * tw], axis=1).astype(np.int32).reshape(-1, 2)

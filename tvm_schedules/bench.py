@@ -7,6 +7,8 @@
     already-gathered blocks [N, 128, 6, 6] (a lower bound for ORT: the gather itself is free there)
     and vs onnxruntime running the op's ONNX function body.
 GFLOP/s count 2*Cin*Cout*9 per output pixel.
+(c) ``peak``: the machine's fp32 FMA peak as TVM reaches it (:func:`peak_gflops`), the yardstick of the
+    per-layer "% of peak" in the benchmarks.
 """
 from __future__ import annotations
 
@@ -44,6 +46,47 @@ def _ort(model, feeds, threads, reps=30):
     return out, float(np.median(ts))
 
 
+def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, steps: int = 1 << 20) -> float:
+    """fp32 GFLOP/s of a register-only FMA loop compiled by TVM for ``target`` (one independent chain per
+    thread of ``accumulators`` vector registers, no memory traffic in the loop): the practical peak."""
+    import tvm
+    from tvm import s_tir, te
+
+    from sige_export.targets import get as get_target
+    from sige_export.tvm_schedules.cpu import vector_lanes
+
+    tgt = get_target(target).tvm_target()
+    lanes = vector_lanes(tgt)
+    x = te.placeholder((threads, accumulators, lanes), "float32", name="x")
+    w = te.placeholder((steps,), "float32", name="w")
+    r = te.reduce_axis((0, steps), name="r")
+    y = te.compute((threads, accumulators, lanes), lambda p, k, v: te.sum(x[p, k, v] * w[r], axis=r), name="acc")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, y]))
+    blk = sch.get_sblock("acc")
+    acc = sch.cache_write(blk, 0, "local")
+    p, k, v, rr = sch.get_loops(blk)
+    sch.reorder(p, rr, k, v)
+    sch.reverse_compute_at(acc, p)
+    sch.parallel(p)
+    sch.unroll(k)
+    sch.vectorize(v)
+    sch.decompose_reduction(blk, rr)
+    lib = tvm.compile(sch.mod, target=tgt)
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(s_).astype(np.float32) * 1e-3, dev)
+            for s_ in ((threads, accumulators, lanes), (steps,))] + [tvm.runtime.empty((threads, accumulators, lanes), "float32", dev)]
+    f = lib["main"]
+    f(*args)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t0)
+    t = float(np.median(times))
+    return 2.0 * threads * accumulators * lanes * steps / t / 1e9
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="*", default=["dense", "sparse"])
@@ -52,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=60)
     a = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
+    if "peak" in a.which:
+        print(f"(c) fp32 FMA peak ({a.threads} threads, TVM, {a.target}): {peak_gflops(a.threads, a.target):.0f} GFLOP/s")
     from sige_export import custom_ops
     from sige_export.compiler import compile_program
 
