@@ -6,6 +6,7 @@ indices are int32 ``[N, 2]`` ``(h, w)`` in the coordinates of the conv's input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
@@ -92,6 +93,28 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The banded ``_resize_matrix`` as ``(index, weight)`` ``[n_out, taps]`` (padding taps weigh 0)."""
+    mat = _resize_matrix(n_in, n_out)
+    nz = mat > 0
+    first = nz.argmax(axis=1)
+    taps = int((n_in - nz[:, ::-1].argmax(axis=1) - first).max())
+    idx = np.minimum(first[:, None] + np.arange(taps)[None, :], n_in - 1)
+    wts = np.where(first[:, None] + np.arange(taps)[None, :] < n_in, np.take_along_axis(mat, idx, axis=1), 0.0)
+    idx.flags.writeable = wts.flags.writeable = False
+    return idx, wts
+
+
+def _resize_axis(m: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Resize ``m`` along ``axis`` with the antialiased filter as a weighted gather (a matrix product would
+    go through BLAS, whose worker threads then spin against the TVM runtime's on a small CPU)."""
+    idx, wts = _resize_taps(m.shape[axis], n_out)
+    if axis == 0:
+        return np.einsum("ot,otw->ow", wts, m[idx], optimize=False)
+    return np.einsum("ot,hot->ho", wts, m[:, idx], optimize=False)
+
+
 def downsample(mask: np.ndarray, size: IntPair, threshold: float = 0.3, eps: float = 1e-6) -> np.ndarray:
     """Resize the float mask bilinearly (antialiased) to ``size = (h, w)`` and threshold it.
 
@@ -103,7 +126,7 @@ def downsample(mask: np.ndarray, size: IntPair, threshold: float = 0.3, eps: flo
         raise ValueError(f"downsample: size must be positive, got {(h, w)}")
     if (h, w) == m.shape:
         return m.copy()
-    f = _resize_matrix(m.shape[0], h) @ m.astype(np.float64) @ _resize_matrix(m.shape[1], w).T
+    f = _resize_axis(_resize_axis(m.astype(np.float64), h, 0), w, 1)
     top = float(f.max()) if f.size else 0.0
     if top <= 0.0:
         return np.zeros((h, w), bool)
