@@ -76,9 +76,9 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
 
 
 def _arg_shapes(args) -> list:
-    """Argument shapes of one call (first call of a function), for the per-layer report."""
+    """Argument shapes of one call (first call of a function) as ``"1x128x64x64"`` strings, for the report."""
     try:
-        return [[int(d) for d in a.shape] for a in args if hasattr(a, "shape")]
+        return ["x".join(str(int(d)) for d in a.shape) for a in args if hasattr(a, "shape")]
     except Exception:
         return []
 

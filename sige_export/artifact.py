@@ -40,6 +40,7 @@ import platform
 import shutil
 import tarfile
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -347,10 +348,10 @@ def calibrate_artifact(path: str | os.PathLike, *, ratios: Sequence[float] = (0.
     cal = engine.calibrate(ratios=ratios, repeats=repeats)
     log(f"calibrated in {time.time() - t:.1f}s: sparse edits beat dense below {cal['crossover_ratio'] * 100:.0f}% "
         f"of the image (dense {cal['dense_s'] * 1e3:.1f} ms)")
-    del engine, backend
+    del engine, backend  # the VMs' memory pools go with them
     runtime = dict(manifest.get("runtime", {}))
     runtime["crossover_ratio"] = cal["crossover_ratio"]
-    runtime["calibration"] = {"dense_ms": cal["dense_s"] * 1e3,
+    runtime["calibration"] = {"dense_ms": cal["dense_s"] * 1e3, "margin": cal.get("margin"),
                               "edit_ms": [[r, s * 1e3] for r, s in cal["edit_s"]],
                               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                               "threads": os.environ.get("TVM_NUM_THREADS", str(os.cpu_count())),
@@ -515,7 +516,9 @@ class _Pass:
         self.specs = entry["inputs"]
         self.params = params
         self.outputs = list(entry["outputs"])
-        self.runner = runner
+        # a weak reference: a cycle backend <-> pass would keep the VMs and their memory pools (GBs) alive
+        # until the cyclic garbage collector happens to run
+        self.runner = weakref.proxy(runner)
         self._vm = vm
 
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -542,13 +542,14 @@ class Engine:
 
     # ------------------------------------------------------------------ crossover
     def calibrate(self, key: Hashable = None, ratios: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7),
-                  repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+                  repeats: int = 3, seed: int = 0, margin: float = 0.9) -> dict[str, Any]:
         """Time dense against sparse edits of the primed ``key`` at a few edit ratios; set the crossover.
 
-        The crossover is where the sparse edit stops being faster than dense (linear interpolation
-        between the measured ratios; 0 when sparse never wins, 1 when it always does). It is stored
+        The crossover is where the sparse edit stops being faster than ``margin`` x dense (linear
+        interpolation between the measured ratios; 0 when sparse never wins, 1 when it always does):
+        the margin keeps timing noise from choosing a sparse edit slower than dense. It is stored
         in ``engine.crossover_ratio`` and ``engine.manifest["runtime"]``; the caches are unchanged.
-        Returns ``{"crossover_ratio", "dense_s", "edit_s": [(ratio, seconds), ...]}``.
+        Returns ``{"crossover_ratio", "dense_s", "edit_s": [(ratio, seconds), ...], "margin"}``.
         """
         from .edits import synthetic_mask
 
@@ -578,15 +579,16 @@ class Engine:
                 table.append((float(mk.mean()), best(lambda: self.backend.edit(full))))
             crossover = 1.0
             prev = (0.0, 0.0)  # an empty edit costs nothing
+            limit = margin * dense_s
             for r, t in table:
-                if t >= dense_s:
+                if t >= limit:
                     r0, t0 = prev
-                    crossover = r0 + (r - r0) * (dense_s - t0) / max(t - t0, 1e-12)
+                    crossover = r0 + (r - r0) * (limit - t0) / max(t - t0, 1e-12)
                     break
                 prev = (r, t)
             self.crossover_ratio = float(min(max(crossover, 0.0), 1.0))
             self.manifest["runtime"]["crossover_ratio"] = self.crossover_ratio
-            return {"crossover_ratio": self.crossover_ratio, "dense_s": dense_s, "edit_s": table}
+            return {"crossover_ratio": self.crossover_ratio, "dense_s": dense_s, "edit_s": table, "margin": margin}
 
 
 def _check_manifest(m: Any) -> None:

@@ -383,3 +383,20 @@ def test_calibration_stored_in_artifact_drives_the_fallback(small, tmp_path):
         got = engine.edit(**_edited(man, feeds, mask), mask=mask)
         assert engine.last_edit.mode == mode
         assert_close_relative(got, want, rel=REL, what=f"{mode} edit")
+
+
+def test_backend_is_freed_without_the_cycle_collector(small):
+    """A dropped backend releases its VMs (and their memory pools) at once, not at the next GC cycle."""
+    import gc
+    import weakref
+
+    _, path = small
+    manifest, backend = open_artifact(path)
+    backend.prime(_inputs(manifest))
+    ref = weakref.ref(backend)
+    gc.disable()
+    try:
+        del backend
+        assert ref() is None
+    finally:
+        gc.enable()
