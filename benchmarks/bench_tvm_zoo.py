@@ -231,6 +231,25 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
     return {"caches_bytes": caches, "edit_peak_rss": _vm_hwm(), "prime_peak_rss": prime_peak, "open_rss": after_open}
 
 
+RESULT = "@@result "
+
+
+def bench_in_child(model: str, a, argv: list[str], log) -> dict:
+    """``bench_model`` in a fresh process per model: nothing (memory pools, thread pools, caches) carries over
+    from one model to the next."""
+    args = [sys.executable, "-W", "ignore", __file__, *argv, "--model-child", model]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as p:
+        result = None
+        for line in p.stdout:
+            if line.startswith(RESULT):
+                result = json.loads(line[len(RESULT):])
+            else:
+                print(line, end="", flush=True)
+    if p.returncode or result is None:
+        raise RuntimeError(f"{model}: benchmark child failed (exit {p.returncode})")
+    return result
+
+
 def memory(model: str, a, log) -> dict:
     out = {}
     for kind in ("ort", "tvm"):
@@ -307,7 +326,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["ddpm-church256", "gaugan-cityscapes", "gancomp-gaugan"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.012, 0.05, 0.15, 0.33, 0.66])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--edit-reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sige-bench-zoo"))
@@ -317,6 +336,7 @@ def main(argv=None):
     ap.add_argument("--profile-prime", action="store_true")
     ap.add_argument("--memory", nargs="*", default=["ddpm-church256"], help="models whose memory is measured")
     ap.add_argument("--memory-child", choices=["ort", "tvm"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     if a.memory_child:
@@ -325,6 +345,10 @@ def main(argv=None):
 
     def log(s):
         print(f"  [{s}]", flush=True)
+
+    if a.model_child:
+        print(RESULT + json.dumps(bench_model(a.model_child, a, log)), flush=True)
+        return
 
     import onnxruntime as ort
     import tvm
@@ -336,8 +360,9 @@ def main(argv=None):
             "peak_gflops": peak_gflops(a.threads)}
     log(f"fp32 FMA peak ({a.threads} threads): {meta['peak_gflops']:.0f} GFLOP/s")
     results = []
+    child_argv = list(argv if argv is not None else sys.argv[1:])
     for model in a.models:
-        r = bench_model(model, a, log)
+        r = bench_in_child(model, a, child_argv, log)
         if model in (a.memory or []):
             r["memory"] = memory(model, a, log)
         results.append(r)

@@ -294,28 +294,20 @@ def build_artifact(program, target: str, output: str | os.PathLike,
 
 def _write_tar(output: Path, manifest: dict, members: list[tuple[str, int, Callable[[], Any]]]) -> None:
     """Write the artifact tar atomically: the manifest first, then ``(name, size, open)`` members."""
+    from .program import atomic_file
+
     mbytes = json.dumps(manifest, indent=1, default=str).encode()
-    fd, tmpout = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=str(output.parent))
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                info = tarfile.TarInfo(MANIFEST)
-                info.size = len(mbytes)
-                info.mode = 0o644
-                tf.addfile(info, io.BytesIO(mbytes))
-                for name, size, opener in members:
-                    info = tarfile.TarInfo(name)
-                    info.size = size
-                    info.mode = 0o644
-                    with opener() as src:
-                        tf.addfile(info, src)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmpout, output)
-    except BaseException:
-        if os.path.exists(tmpout):
-            os.unlink(tmpout)
-        raise
+    with atomic_file(output) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(mbytes)
+        info.mode = 0o644
+        tf.addfile(info, io.BytesIO(mbytes))
+        for name, size, opener in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            info.mode = 0o644
+            with opener() as src:
+                tf.addfile(info, src)
 
 
 def example_feeds(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:

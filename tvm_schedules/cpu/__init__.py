@@ -146,6 +146,22 @@ def _parallel_vectorize(sch, block, lanes: int, n_spatial: Optional[int] = None,
         sch.vectorize(vec)
 
 
+def _around(sch, block) -> tuple[list, list]:
+    """The root blocks before and after ``block``."""
+    blocks = _root_blocks(sch)
+    i = next(k for k, b in enumerate(blocks) if sch.get(b).same_as(sch.get(block)))
+    return blocks[:i], blocks[i + 1:]
+
+
+def _accumulate_locally(sch, conv, epilogue: list):
+    """Accumulate ``conv`` in a local buffer (registers once tiled) and inline the elementwise ``epilogue``
+    chain into its write-back; returns the write-back block (to place per tile)."""
+    chain = [sch.cache_write(conv, 0, "local")] + list(epilogue)
+    for b in chain[:-1]:
+        sch.compute_inline(b)
+    return chain[-1]
+
+
 # -- rules ----------------------------------------------------------------------------------------
 class Conv2dNCHW(ScheduleRule):
     """Register-blocked NCHW conv (dense and SIGE sparse)."""
@@ -171,9 +187,7 @@ class Conv2dNCHW(ScheduleRule):
         if conv is None:
             return None
         lanes = vector_lanes(target)
-        blocks = _root_blocks(sch)
-        ci = blocks.index(next(b for b in blocks if sch.get(b).same_as(sch.get(conv))))
-        before, after = blocks[:ci], blocks[ci + 1:]
+        before, after = _around(sch, conv)
         # only handle: [data producer] conv [elementwise epilogue chain]
         if any(not _is_spatial(sch, b) for b in before + after):
             return None
@@ -200,12 +214,7 @@ class Conv2dNCHW(ScheduleRule):
             wl = sch.get_loops(wread)
             sch.parallel(sch.fuse(*wl[:2]))
 
-        # accumulate in registers: conv -> local, write-back (+ epilogue) per tile
-        wb = sch.cache_write(conv, 0, "local")
-        chain = [wb] + list(after)
-        for b in chain[:-1]:
-            sch.compute_inline(b)
-        last = chain[-1]
+        last = _accumulate_locally(sch, conv, after)
 
         co_o, co_i = sch.split(co, [None, v])
         oh_o, oh_i = sch.split(oh, [None, th])
@@ -286,9 +295,7 @@ class DepthwiseConv2d(ScheduleRule):
         conv = Conv2dNCHW._find(self, sch)
         if conv is None:
             return None
-        blocks = _root_blocks(sch)
-        ci = blocks.index(next(b for b in blocks if sch.get(b).same_as(sch.get(conv))))
-        before, after = blocks[:ci], blocks[ci + 1:]
+        before, after = _around(sch, conv)
         if any(not _is_spatial(sch, b) for b in before + after):
             return None
         if any(sch.get(b).name_hint.startswith(("sige_gather", "sige_scatter_gather")) for b in before):
@@ -300,11 +307,7 @@ class DepthwiseConv2d(ScheduleRule):
             return None
         tw = 2 * lanes if ew % (2 * lanes) == 0 else lanes
         th = _largest_divisor(eh, self.rh)
-        wb = sch.cache_write(conv, 0, "local")
-        chain = [wb] + list(after)
-        for b in chain[:-1]:
-            sch.compute_inline(b)
-        last = chain[-1]
+        last = _accumulate_locally(sch, conv, after)
         oh_o, oh_i = sch.split(oh, [None, th])
         ow_o, ow_i = sch.split(ow, [None, tw])
         ow_v, ow_l = sch.split(ow_i, [None, lanes])
@@ -352,7 +355,6 @@ class Matmul(ScheduleRule):
         types = _iter_types(sch, mm)
         if types[-1] != COMM_REDUCE or types.count(COMM_REDUCE) != 1 or len(types) < 3:
             return None
-        blk = sch.get(mm)
         # the reduction var must not index the output, j (last spatial) must be the contiguous output axis
         loops = sch.get_loops(mm)
         if len(loops) != len(types):
@@ -361,8 +363,7 @@ class Matmul(ScheduleRule):
         lanes = vector_lanes(target)
         if ei is None or ej is None or ej % lanes != 0:
             return None
-        idx = blocks.index(next(b for b in blocks if sch.get(b).same_as(blk)))
-        before, after = blocks[:idx], blocks[idx + 1:]
+        before, after = _around(sch, mm)
         if any(not _is_spatial(sch, b) for b in before + after):
             return None
         for b in before:
@@ -370,11 +371,7 @@ class Matmul(ScheduleRule):
                 sch.compute_inline(b)
             except Exception:
                 pass
-        wb = sch.cache_write(mm, 0, "local")
-        chain = [wb] + list(after)
-        for b in chain[:-1]:
-            sch.compute_inline(b)
-        last = chain[-1]
+        last = _accumulate_locally(sch, mm, after)
         *batch, i, j, k = sch.get_loops(mm)
         ti = _largest_divisor(ei, 4)
         jv = lanes * (2 if ej % (2 * lanes) == 0 else 1)
