@@ -320,3 +320,28 @@ def test_conv_of_gathered_concat_is_one_sparse_conv():
                             custom_ops.reference("SigeGather", b, idx, None, tb, **attrs)], 1)
         want = ref_conv(g, w, bias)
         assert_close(lib.run(a, b, idx, sa, ta, tb), want, rtol=1e-4, atol=1e-4, what=f"gathered concat conv N={n}")
+
+
+def test_conv_of_scatter_gather_is_one_sparse_conv():
+    """Conv(SigeScatterGather(...)) -- the next conv of a residual block -- compiles to one sparse conv that
+    gathers from the virtual scatter per tile, and equals the reference."""
+    co = 16
+    w, bias = f32(co, C, 3, 3) * 0.2, f32(co)
+    attrs = dict(block=[6, 6], activation="silu")
+    nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale", "shift"], ["g"], **attrs),
+             helper.make_node("Conv", ["g", "w", "bias"], ["y"])]
+    inputs = [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),
+              idx_type(), vi("scale", [C, 1, 1]), vi("shift", [1, C, 1, 1])]
+    m = make_model(nodes, inputs, [vi("y", None)], [init("w", w), init("bias", bias)])
+    lib = compile_program(m, "host", {"blocks": ("BN1", C, 4, 4)})
+    names = [n for n, _, _ in lib.schedule_log]
+    assert names.count("sige_sparse_conv2d") == 1 and not any(n.startswith("sige_scatter_gather") for n in names), names
+    base, sc, sh = f32(B, C, Ho, Wo), f32(C, 1, 1), f32(1, C, 1, 1)
+    for n1, n2 in [(4, 3), (0, 2), (3, 0)]:
+        sidx = gather_grid(n1)
+        blocks = f32(B * sidx.shape[0], C, 4, 4)
+        smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
+        gidx = gather_grid(n2)
+        g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
+        assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias), rtol=1e-4, atol=1e-4,
+                     what=f"scatter-gather conv N1={n1} N2={n2}")

@@ -235,10 +235,15 @@ def _importer_class():
             self._nodes[node.output[0]] = VirtualConcat(parts)
             return True
 
-        def _gathered_concat_convs(self, graph, virtual: set) -> tuple[dict, set]:
-            """``Conv(Concat(SigeGather(x_i, idx, scale_i, shift_i)...), W, b)`` over blocks (pads 0, group 1): one
-            sparse conv that gathers every part into its tile (the gathered parts and their concatenation
-            are never materialised). Returns ``{conv output: gather nodes}`` and the outputs to skip."""
+        def _block_convs(self, graph, virtual: set) -> tuple[dict, set]:
+            """Convs over gathered blocks (pads 0, group 1) fused with what gathers their input, so the gathered
+            blocks are never materialised (the schedules gather them per tile):
+
+            * ``Conv(Concat(SigeGather(x_i, idx, scale_i, shift_i)...))`` (the UNet up path): one sparse conv
+              reading every part in place;
+            * ``Conv(SigeScatterGather(blocks, base, ...))``: the conv over the virtual scatter.
+
+            Returns ``{conv output: (kind, source nodes)}`` and the outputs not to emit."""
             uses: dict[str, list] = {}
             for node in graph.node:
                 for i in node.input:
@@ -253,14 +258,18 @@ def _importer_class():
                 if any(int(p) for p in a.get("pads", ())) or int(a.get("group", 1)) != 1 \
                         or any(int(d) != 1 for d in a.get("dilations", ())) or a.get("auto_pad", b"NOTSET") != b"NOTSET":
                     continue
-                cat = prod.get(conv.input[0])
-                if cat is None or cat.op_type != "Concat" or cat.domain not in STANDARD_DOMAINS or cat.output[0] in outs:
+                src = prod.get(conv.input[0])
+                if src is None or src.output[0] in outs or len(uses.get(src.output[0], [])) != 1:
                     continue
-                if next((at.i for at in cat.attribute if at.name == "axis"), None) not in (1, -3):
+                if src.domain == SIGE_DOMAIN and src.op_type == "SigeScatterGather":
+                    fused[conv.output[0]] = ("scatter_gather", [src])
+                    skip.add(src.output[0])
                     continue
-                if len(uses.get(cat.output[0], [])) != 1 or len(cat.input) < 2:
+                if src.op_type != "Concat" or src.domain not in STANDARD_DOMAINS or len(src.input) < 2:
                     continue
-                gathers = [prod.get(i) for i in cat.input]
+                if next((at.i for at in src.attribute if at.name == "axis"), None) not in (1, -3):
+                    continue
+                gathers = [prod.get(i) for i in src.input]
                 if any(g is None or g.domain != SIGE_DOMAIN or g.op_type != "SigeGather" or g.output[0] in outs
                        or len(uses.get(g.output[0], [])) != 1 or g.input[0] in virtual for g in gathers):
                     continue
@@ -269,57 +278,69 @@ def _importer_class():
                 keys = [sorted((at.name, str(onnx.helper.get_attribute_value(at))) for at in g.attribute) for g in gathers]
                 if any(k != keys[0] for k in keys):
                     continue
-                fused[conv.output[0]] = gathers
+                fused[conv.output[0]] = ("concat", gathers)
                 skip.update(g.output[0] for g in gathers)
-                skip.add(cat.output[0])
+                skip.add(src.output[0])
             return fused, skip
 
-        def _construct_gathered_concat_conv(self, conv, gathers) -> None:
+        def _construct_block_conv(self, conv, kind: str, sources) -> None:
             from tvm import relax
 
             from . import sige_te
 
-            attrs = self._parse_attr(gathers[0].attribute)
+            attrs = self._parse_attr(sources[0].attribute)
             pre = sige_te.PreOp.from_attrs(attrs)
             block = _ints(attrs, "block")
             strides = _ints(self._parse_attr(conv.attribute), "strides", (1, 1))
-            xs = [self._nodes[g.input[0]] for g in gathers]
-            idx = self._nodes[gathers[0].input[1]]
-            chans = [int(_shape_of(x)[1]) for x in xs]
-
-            def per_channel(k: int, fill: float):
-                present = [len(g.input) > k and g.input[k] != "" for g in gathers]
-                if not any(present):
-                    return None
-                parts = [self.bb.normalize(relax.op.reshape(self._nodes[g.input[k]], (1, c, 1, 1))) if p
-                         else relax.const(np.full((1, c, 1, 1), fill, np.float32)) for g, c, p in zip(gathers, chans, present)]
-                return self.bb.normalize(relax.op.concat(parts, axis=1))
-
-            scale, shift = per_channel(2, 1.0), per_channel(3, 0.0)
             w = self._nodes[conv.input[1]]
             bias = self._nodes[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else None
+            if kind == "scatter_gather":
+                sg = sources[0]
+                data = [self._nodes[i] for i in sg.input[:4]]  # blocks, base, scatter map, indices
+                scale = self._nodes[sg.input[4]] if len(sg.input) > 4 and sg.input[4] else None
+                shift = self._nodes[sg.input[5]] if len(sg.input) > 5 and sg.input[5] else None
+
+                def gathered(data_, sc, sf):
+                    return sige_te.scatter_gather_te(*data_, block=block, pre=pre, scale=sc, shift=sf)
+            else:
+                data = [self._nodes[g.input[0]] for g in sources] + [self._nodes[sources[0].input[1]]]
+                chans = [int(_shape_of(x)[1]) for x in data[:-1]]
+
+                def per_channel(k: int, fill: float):
+                    present = [len(g.input) > k and g.input[k] != "" for g in sources]
+                    if not any(present):
+                        return None
+                    parts = [self.bb.normalize(relax.op.reshape(self._nodes[g.input[k]], (1, c, 1, 1))) if p
+                             else relax.const(np.full((1, c, 1, 1), fill, np.float32))
+                             for g, c, p in zip(sources, chans, present)]
+                    return self.bb.normalize(relax.op.concat(parts, axis=1))
+
+                scale, shift = per_channel(2, 1.0), per_channel(3, 0.0)
+
+                def gathered(data_, sc, sf):
+                    return sige_te.gather_te(data_[:-1], data_[-1], block, pre, sc, sf)
             present = [t for t in (bias, scale, shift) if t is not None]
-            n = len(xs)
+            n = len(data)
 
             def f(*a):
-                parts, ix, wt, rest = list(a[:n]), a[n], a[n + 1], list(a[n + 2:])
+                data_, wt, rest = list(a[:n]), a[n], list(a[n + 1:])
                 b = rest.pop(0) if bias is not None else None
                 sc = rest.pop(0) if scale is not None else None
                 sf = rest.pop(0) if shift is not None else None
-                return sige_te.sparse_conv2d_te(parts, ix, wt, b, sc, sf, block=block, strides=strides, pre=pre)
+                return sige_te.block_conv_te(gathered(data_, sc, sf), wt, b, strides=strides)
 
             self._nodes[conv.output[0]] = self.bb.emit_te(
-                f, *xs, idx, w, *present, primfunc_name_hint="sige_sparse_conv2d",
+                f, *data, w, *present, primfunc_name_hint="sige_sparse_conv2d",
                 primfunc_attrs={"sige.op": "SigeSparseConv2d", "op_pattern": OUT_EWISE_FUSABLE})
 
         def _construct_nodes(self, graph):
             virtual = self._virtual_concats(graph)
-            fused, skip = self._gathered_concat_convs(graph, virtual)
+            fused, skip = self._block_convs(graph, virtual)
             for node in graph.node:
                 if node.output and node.output[0] in skip:
                     continue
                 if node.output and node.output[0] in fused:
-                    self._construct_gathered_concat_conv(node, fused[node.output[0]])
+                    self._construct_block_conv(node, *fused[node.output[0]])
                     continue
                 if node.output and node.output[0] in virtual and self._try_virtual_concat(node):
                     continue

@@ -167,7 +167,12 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
 def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
                      pre: PreOp = PreOp()):
     """SigeSparseConv2d = Conv(SigeGather(x, indices), weight, bias, pads=0, strides, group)."""
-    g = gather_te(x, indices, block, pre, scale, shift)
+    return block_conv_te(gather_te(x, indices, block, pre, scale, shift), weight, bias, strides=strides, group=group)
+
+
+def block_conv_te(g, weight, bias=None, *, strides=(1, 1), group=1):
+    """Conv (pads 0) over gathered blocks ``g`` [B*N, C, bh, bw], computed by a gather stage (``sige_gather``
+    or ``sige_scatter_gather``) of the same function (the schedules compute it per tile)."""
     BN, C, bh, bw = g.shape
     packed = len(weight.shape) == 5
     if packed:  # pre-packed [Cout/v, Cin, kh, kw, v] (tvm_schedules.packing)

@@ -45,10 +45,13 @@ class SigeCuda(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         op = _func_op(func)
-        try:  # a sparse conv fused with its epilogue keeps its gather block but loses the op attribute
-            gather = sch.get_sblock("sige_gather")
-        except Exception:  # noqa: BLE001 - no such block
-            gather = None
+        gather = None
+        for name in ("sige_gather", "sige_scatter_gather"):
+            try:  # a sparse conv fused with its epilogue keeps its gather block but loses the op attribute
+                gather = sch.get_sblock(name)
+                break
+            except Exception:  # noqa: BLE001 - no such block
+                pass
         if not op and gather is None:
             return None
         for b in _root_blocks(sch):  # a two-stage pre-op (sige_te._activation_stage): one thread does both
