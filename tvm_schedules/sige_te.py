@@ -101,21 +101,17 @@ def _apply_pre(v, pre: PreOp, scale, shift, idx):
 _ZERO_PRESERVING = ("relu", "leaky_relu", "silu", "swish", "tanh", "gelu")
 
 
-def _affine_stage(pre: PreOp) -> PreOp:
-    """The part of ``pre`` computed with the (data-dependent) loads of a gather: all of it, or only the
-    affine when the activation can run as a separate elementwise stage (``_activation_stage``)."""
-    if pre.activation in _ZERO_PRESERVING and not pre.activation_first:
-        return PreOp("identity")
-    return pre
-
-
-def _activation_stage(raw: te.Tensor, pre: PreOp, stage1: PreOp, name: str) -> te.Tensor:
-    """``act(raw)`` as its own stage (block ``name``; ``raw`` is ``name + "_raw"``) when ``stage1`` left the
-    activation out: over a block's contiguous outputs it vectorises (SiLU's exp in vector registers),
-    fused with the gather's per-element index arithmetic it does not."""
-    if stage1 == pre:
-        return raw
-    return te.compute(raw.shape, lambda *i: _act(raw(*i), pre), name=name)
+def _gather_compute(shape, element, pre: PreOp, name: str) -> te.Tensor:
+    """``te.compute`` of a pre-op'ed gather; ``element(pre_part, bn, c, i, j)`` loads one value and applies
+    ``pre_part``. With an activation mapping 0 to 0 (applied after the affine) it runs in two stages:
+    ``name + "_raw"`` (loads + affine) and ``name`` (the activation): over a block's contiguous outputs the
+    activation vectorises (SiLU's exp in vector registers), fused with the per-element index arithmetic
+    of the loads it does not."""
+    if pre.activation not in _ZERO_PRESERVING or pre.activation_first:
+        return te.compute(shape, lambda *i: element(pre, *i), name=name)
+    affine = PreOp("identity")
+    raw = te.compute(shape, lambda *i: element(affine, *i), name=name + "_raw")
+    return te.compute(shape, lambda *i: _act(raw(*i), pre), name=name)
 
 
 def _i64(e):
@@ -147,7 +143,7 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
     N = indices.shape[0]
     bh, bw = int(block[0]), int(block[1])
 
-    def f(bn, c, i, j):
+    def f(part: PreOp, bn, c, i, j):
         b = tir.floordiv(bn, N)
         n = tir.floormod(bn, N)
         h = _i64(indices[n, 0]) + i
@@ -156,12 +152,10 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
         hc = tir.max(tir.min(h, H - 1), 0)
         wc = tir.max(tir.min(w, W - 1), 0)
         xv = x[b, c, hc, wc] if len(xs) == 1 else concat_load(xs, b, c, hc, wc)
-        v = _apply_pre(xv, stage1, scale, shift, (b, c, hc, wc))
+        v = _apply_pre(xv, part, scale, shift, (b, c, hc, wc))
         return tir.if_then_else(inside, v, tir.const(0.0, x.dtype))
 
-    stage1 = _affine_stage(pre)
-    return _activation_stage(te.compute((B * N, C, bh, bw), f, name=name + "_raw" if stage1 != pre else name),
-                             pre, stage1, name)
+    return _gather_compute((B * N, C, bh, bw), f, pre, name)
 
 
 def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
@@ -244,7 +238,7 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
     N1 = tir.floordiv(BN1, B)
     php = int(ph) * int(pw)
 
-    def f(bn, c, i, j):
+    def f(part: PreOp, bn, c, i, j):
         b = tir.floordiv(bn, N)
         n = tir.floormod(bn, N)
         h = _i64(indices[n, 0]) + i
@@ -258,13 +252,10 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
         r = tir.floormod(sc, php)
         bv = blocks[tir.max(tir.min(b * N1 + m, BN1 - 1), 0), c, tir.floordiv(r, pw), tir.floormod(r, pw)]
         v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
-        v = _apply_pre(v, stage1, scale, shift, (b, c, hc, wc))
+        v = _apply_pre(v, part, scale, shift, (b, c, hc, wc))
         return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
 
-    name = "sige_scatter_gather"
-    stage1 = _affine_stage(pre)
-    return _activation_stage(te.compute((B * N, C, bh, bw), f, name=name + "_raw" if stage1 != pre else name),
-                             pre, stage1, name)
+    return _gather_compute((B * N, C, bh, bw), f, pre, "sige_scatter_gather")
 
 
 # -- scatter ops: TIR (data-dependent writes) ---------------------------------------------------

@@ -54,7 +54,7 @@ class SigeCuda(ScheduleRule):
                 pass
         if not op and gather is None:
             return None
-        for b in _root_blocks(sch):  # a two-stage pre-op (sige_te._activation_stage): one thread does both
+        for b in _root_blocks(sch):  # a two-stage pre-op (sige_te._gather_compute): one thread does both
             if sch.get(b).name_hint.endswith("_raw"):
                 sch.compute_inline(b)
         if gather is not None and op in ("SigeSparseConv2d", ""):
