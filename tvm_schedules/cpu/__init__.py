@@ -1,15 +1,19 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
-Rules, in the order they are tried (first match wins, like ``s_tir.dlight``):
+Rules (``default_rules`` tries SigeGatherScatter, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic; the first
+match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
   ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
   by the vector width, ``RH x RW`` outputs register-blocked (accumulators in registers), weights
   repacked to ``[Cout/V, Cin, kh, kw, V]``, the padded/gathered input tile computed per tile into
   a stack buffer (the gather is never materialised), tiles run in parallel.
+* ``DepthwiseConv2d`` -- depthwise convs over wide images: vectorised along output rows (tried before
+  ``Conv2dNCHW``, whose channel vectors would gather across planes).
 * ``Matmul``      -- ``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]``-like 1-reduction blocks with a
   static vectorisable ``j``: register-blocked ``4 x V``.
-* ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels.
+* ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
+  outer); a two-stage gather's activation vectorised over each block.
 * ``Generic``     -- anything else: inline injective producers, parallel over the fused outer spatial
   loops, vectorise a static innermost spatial loop.
 """
