@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "BlockConfig", "difference_mask", "dilate", "downsample", "mask_pyramid", "snap_block", "block_grid",
-    "block_indices", "all_block_indices", "scatter_map",
+    "block_indices", "all_block_indices", "mask_integral", "scatter_map",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -59,7 +59,7 @@ def _box_any_1d(m: np.ndarray, r: int, axis: int) -> np.ndarray:
     if r <= 0:
         return m.copy()
     n = m.shape[axis]
-    c = np.cumsum(m.astype(np.int64), axis=axis)
+    c = np.cumsum(m, axis=axis, dtype=np.int32)
     c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)  # c[i] = sum m[:i]
     i = np.arange(n)
     hi = np.minimum(i + r + 1, n)
@@ -216,11 +216,21 @@ def block_grid(config: BlockConfig, in_hw: IntPair) -> tuple[np.ndarray, np.ndar
     return hs, ws
 
 
-def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None = None) -> np.ndarray:
+def mask_integral(mask: np.ndarray) -> np.ndarray:
+    """int32 ``[H + 1, W + 1]`` summed-area table of a 2-D mask (for :func:`block_indices`)."""
+    m = _mask2d(mask)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int32)
+    np.cumsum(np.cumsum(m, 0, dtype=np.int32), 1, dtype=np.int32, out=integral[1:, 1:])
+    return integral
+
+
+def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None = None,
+                  integral: np.ndarray | None = None) -> np.ndarray:
     """int32 ``[N, 2]`` top-lefts of the active blocks (row-major).
 
     A block is active when any mask pixel in its input window (clipped to the image) is set.
-    ``in_hw``, when given, is the conv input's size and must equal the mask's.
+    ``in_hw``, when given, is the conv input's size and must equal the mask's. ``integral``: the mask's
+    :func:`mask_integral`, when several grids share the mask.
     """
     m = _mask2d(mask)
     if in_hw is not None and tuple(_pair(in_hw, "in_hw")) != m.shape:
@@ -228,8 +238,8 @@ def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None =
                          f"{_pair(in_hw, 'in_hw')[0]}x{_pair(in_hw, 'in_hw')[1]}")
     H, W = m.shape
     hs, ws = block_grid(config, (H, W))
-    integral = np.zeros((H + 1, W + 1), np.int64)
-    integral[1:, 1:] = m.astype(np.int64).cumsum(0).cumsum(1)
+    if integral is None:
+        integral = mask_integral(m)
     r0, r1 = np.clip(hs, 0, H), np.clip(hs + config.block[0], 0, H)
     c0, c1 = np.clip(ws, 0, W), np.clip(ws + config.block[1], 0, W)
     count = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])

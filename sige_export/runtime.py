@@ -422,9 +422,11 @@ class Engine:
         mask = self._check_mask(mask)
         levels = sorted({tuple(g["resolution"]) for g in m["indices"]}, reverse=True)
         pyramid = masks.mask_pyramid(mask, levels, dilation=m["mask"]["dilation"])
+        integrals = {hw: masks.mask_integral(pm) for hw, pm in pyramid.items()}
         feeds: dict[str, np.ndarray] = {}
         for g in m["indices"]:
-            feeds[g["name"]] = grid_indices(pyramid[tuple(g["resolution"])], g)
+            hw = tuple(g["resolution"])
+            feeds[g["name"]] = grid_indices(pyramid[hw], g, integrals[hw])
         feeds.update(derived_feeds(m, feeds))
         return feeds
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sige_export import custom_ops as co
 from sige_export.mask import (BlockConfig, all_block_indices, block_grid, block_indices, difference_mask, dilate,
-                              downsample, mask_pyramid, scatter_map, snap_block)
+                              downsample, mask_integral, mask_pyramid, scatter_map, snap_block)
 from tests.helpers import assert_close
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -133,6 +133,8 @@ def test_block_indices_match_brute_force(mask: np.ndarray, k: int, s: int, b: in
     got = block_indices(mask, cfg, in_hw=mask.shape)
     assert got.dtype == np.int32 and got.ndim == 2 and got.shape[1] == 2
     assert np.array_equal(got, _brute_block_indices(mask, cfg))
+    # the summed-area table shared by the grids of one resolution gives the same blocks
+    assert np.array_equal(block_indices(mask, cfg, integral=mask_integral(mask)), got)
     if mask.all():
         assert np.array_equal(got, all_block_indices(cfg, mask.shape))
 
