@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from sige_export.bench import synthetic_inputs  # noqa: E402 - after the path setup
+
 GOALS = {"ddpm-church256": {0.012: 7.0, 0.33: 1.8}, "gaugan-cityscapes": {0.012: 12.0}, "gancomp-gaugan": {0.012: 4.0}}
 
 
@@ -85,13 +87,6 @@ def machine() -> str:
     return f"{cpu} ({os.cpu_count()} cores visible, {flags}), {platform.system()} {platform.release()}"
 
 
-def _feeds(manifest, rng):
-    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in manifest["inputs"]}
-    if "t" in feeds:
-        feeds["t"] = np.full(feeds["t"].shape, 500.0, np.float32)
-    return feeds
-
-
 def bench_model(model: str, a, log) -> dict:
     import onnxruntime as ort
 
@@ -106,7 +101,7 @@ def bench_model(model: str, a, log) -> dict:
     dense_path, prog_path, art_path = ensure(model, a.workdir, log, a.rebuild)
     manifest, backend = open_artifact(art_path)
     engine = Engine(SigeProgram(None, manifest), backend)
-    feeds = _feeds(manifest, np.random.default_rng(0))
+    feeds = synthetic_inputs(manifest)
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
@@ -149,9 +144,7 @@ def bench_model(model: str, a, log) -> dict:
         idx = engine.edit_feeds(mask)
         edited = dict(feeds)
         edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
-        full = {**entry.caches, **idx}
-        for name, e in manifest["edit"]["edited"].items():
-            full[e] = edited[name]
+        full = engine._edit_inputs(entry, edited, idx)
         t_edit = _median(lambda: backend.edit(full), a.edit_reps)
         t_e2e = _median(lambda: engine.edit(**edited, mask=mask), max(3, a.edit_reps // 3))
         e2e_mode = engine.last_edit.mode  # "dense" above the artifact's calibrated crossover
@@ -201,7 +194,7 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
         from sige_export.artifact import read_manifest
 
         manifest = read_manifest(art_path)
-        feeds = _feeds(manifest, np.random.default_rng(0))
+        feeds = synthetic_inputs(manifest)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
@@ -216,7 +209,7 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
 
     manifest, backend = open_artifact(art_path, verify=False)
     engine = Engine(SigeProgram(None, manifest), backend)
-    feeds = _feeds(manifest, np.random.default_rng(0))
+    feeds = synthetic_inputs(manifest)
     after_open = _vm_hwm()
     engine.prime(**feeds)
     prime_peak = _vm_hwm()
@@ -267,7 +260,7 @@ def memory(model: str, a, log) -> dict:
 
 # -- report -------------------------------------------------------------------------------------------
 def markdown(results: list[dict], meta: dict) -> str:
-    L = [f"# Host benchmark: SIGE artifact (TVM) vs onnxruntime dense", "",
+    L = ["# Host benchmark: SIGE artifact (TVM) vs onnxruntime dense", "",
          f"- machine: {meta['machine']}", f"- date: {meta['date']}", f"- threads: {meta['threads']} (TVM_NUM_THREADS, "
          f"ORT intra-op); TVM {meta['tvm']}, onnxruntime {meta['ort']}",
          f"- command: `{meta['command']}`",

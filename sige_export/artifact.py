@@ -310,17 +310,6 @@ def _write_tar(output: Path, manifest: dict, members: list[tuple[str, int, Calla
                 tf.addfile(info, src)
 
 
-def example_feeds(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs of the program's shapes and dtypes (standard normal; integers 0) for timing runs."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in manifest["inputs"]:
-        dt = np.dtype(i["dtype"])
-        out[i["name"]] = (rng.standard_normal(i["shape"]).astype(dt) if dt.kind == "f"
-                          else np.zeros(i["shape"], dt))
-    return out
-
-
 def calibrate_artifact(path: str | os.PathLike, *, ratios: Sequence[float] = (0.05, 0.15, 0.33, 0.5, 0.7, 0.9),
                        repeats: int = 2, log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure on this machine where sparse edits stop beating the artifact's dense pass
@@ -329,13 +318,14 @@ def calibrate_artifact(path: str | os.PathLike, *, ratios: Sequence[float] = (0.
     above it. Rewrites the file atomically; the compiled members are unchanged. Returns the calibration."""
     import time
 
+    from .bench import synthetic_inputs
     from .program import SigeProgram
     from .runtime import Engine
 
     path = Path(path)
     manifest, backend = open_artifact(path)
     engine = Engine(SigeProgram(None, manifest), backend)
-    engine.prime(**example_feeds(manifest))
+    engine.prime(**synthetic_inputs(manifest))
     t = time.time()
     cal = engine.calibrate(ratios=ratios, repeats=repeats)
     log(f"calibrated in {time.time() - t:.1f}s: sparse edits beat dense below {cal['crossover_ratio'] * 100:.0f}% "
@@ -680,5 +670,5 @@ def open_artifact(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict
     return manifest, backend
 
 
-__all__ = ["ArtifactError", "build_artifact", "calibrate_artifact", "example_feeds", "open_artifact", "read_manifest", "check_runnable",
+__all__ = ["ArtifactError", "build_artifact", "calibrate_artifact", "open_artifact", "read_manifest", "check_runnable",
            "verify_members", "TvmArtifactBackend", "FORMAT", "FORMAT_VERSION"]

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import __version__
+from . import __version__, cache_dir
 
 PROG = "sige-bench"
 SCHEMA_VERSION = 1
@@ -478,14 +478,6 @@ class Subject:
     built_from: Optional[str] = None
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("SIGE_EXPORT_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sige-export"
-
-
 def build_cached_artifact(program_path: Path, target: str, log: Callable[[str], None] = lambda s: None) -> Path:
     """Compile a portable program for ``target`` once (cached by content hash) and return the artifact."""
     h = hashlib.sha256()
@@ -493,7 +485,7 @@ def build_cached_artifact(program_path: Path, target: str, log: Callable[[str], 
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     h.update(f"|{target}|{__version__}|{_version('apache-tvm')}".encode())
-    out = _cache_root() / "bench" / f"{program_path.stem}-{h.hexdigest()[:16]}.{target}.sige"
+    out = cache_dir() / "bench" / f"{program_path.stem}-{h.hexdigest()[:16]}.{target}.sige"
     if out.is_file():
         return out
     from .artifact import build_artifact  # noqa: PLC0415 - needs the TVM compiler

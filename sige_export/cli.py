@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from . import __version__, cache_dir
 
 PROG = "sige-export"
 DENSE_ONNX = "dense-onnx"
@@ -190,14 +190,6 @@ def export_command(
 
 
 # --------------------------------------------------------------------------- zoo
-def _cache_dir() -> Path:
-    env = os.environ.get("SIGE_EXPORT_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sige-export"
-
-
 def _entry_key(entry: Any) -> str:
     """Cache key: name + package version + hash of the source file defining the entry."""
     h = hashlib.sha256(f"{entry.name}|{__version__}".encode())
@@ -219,7 +211,7 @@ def zoo_info(name: str, *, use_cache: bool = True) -> dict[str, Any]:
 
     entry = zoo.get(name)
     key = _entry_key(entry)
-    cache = _cache_dir() / f"zoo-{name}-{key}.json"
+    cache = cache_dir() / f"zoo-{name}-{key}.json"
     if use_cache and cache.is_file():
         try:
             return json.loads(cache.read_text())

@@ -186,9 +186,14 @@ class OnnxRuntimeBackend:
 
     @staticmethod
     def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(*OnnxRuntimeBackend._run_all(sess, feeds)))
+
+    @staticmethod
+    def _run_all(sess, feeds: dict[str, np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+        """Every output of ``sess`` (names, values), fed the inputs it takes from ``feeds``."""
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
-        return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+        return names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
 
     def prime(self, feeds):
         return self._run(self._prime, feeds)
@@ -205,10 +210,7 @@ class OnnxRuntimeBackend:
             if self._commit is None:
                 model, self._commit_caches = commit_model(self.program)
                 self._commit = self._session(model)
-        sess = self._commit
-        names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+        names, values = self._run_all(self._commit, feeds)  # the edit outputs, then the new caches in order
         n_out = len(self.program.manifest["edit"]["outputs"])
         outputs = dict(zip(names[:n_out], values[:n_out]))
         return outputs, dict(zip(self._commit_caches, values[n_out:]))
@@ -497,7 +499,7 @@ class Engine:
                        index: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
         full = self._edit_inputs(entry, feeds, index)
         run = getattr(self.backend, "edit_with_caches", None)
-        if run is None:  # (backends may set it to None when the program does not support it)  # backend without the commit pass: re-prime (exact, dense cost)
+        if run is None:  # backend (or program) without the commit pass: re-prime (exact, dense cost)
             res = self.backend.prime(feeds)
             self._replace(key, entry, feeds, res)
             return res[self._out], "prime"

@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 MANIFEST_KEY = "sige_manifest"
 PROGRAM_FORMAT_VERSION = 1
 EDIT_PREFIX = "edit/"
-MIN_OPSET = 18
+MIN_OPSET = 18  # the ai.sige function bodies are written against opset 18
 # tile of the statistics correction (the changed tiles cover every scattered output block; larger tiles
 # gather with fewer index computations: 4 x 4 made ddpm's statistics ~2x cheaper than 2 x 2)
 STAT_TILE = 4
-TOKEN_TILE = 2  # tile of the sparse-token rows (Stable Diffusion transformers)  # the ai.sige function bodies are written against opset 18
+TOKEN_TILE = 2  # tile of the sparse-token rows (Stable Diffusion transformers)
 
 # Ops that run correctly on full tensors in the edit pass without any warning (sparsity is
 # carried to the next convolution through the scattered full tensor).

@@ -201,13 +201,8 @@ def _importer_class():
 
         packed_weights: frozenset = frozenset()
 
-        def _virtual_concats(self, graph) -> set:
+        def _virtual_concats(self, graph, uses: dict, outs: set) -> set:
             """Outputs of channel Concats of static 4-D tensors consumed only as SigeGather x inputs."""
-            uses: dict[str, list] = {}
-            for node in graph.node:
-                for k, i in enumerate(node.input):
-                    uses.setdefault(i, []).append((node, k))
-            outs = {o.name for o in graph.output}
             out = set()
             for node in graph.node:
                 if node.domain not in STANDARD_DOMAINS or node.op_type != "Concat" or len(node.output) != 1:
@@ -235,7 +230,7 @@ def _importer_class():
             self._nodes[node.output[0]] = VirtualConcat(parts)
             return True
 
-        def _block_convs(self, graph, virtual: set) -> tuple[dict, set]:
+        def _block_convs(self, graph, virtual: set, uses: dict, outs: set) -> tuple[dict, set]:
             """Convs over gathered blocks (pads 0, group 1) fused with what gathers their input, so the gathered
             blocks are never materialised (the schedules gather them per tile):
 
@@ -244,12 +239,7 @@ def _importer_class():
             * ``Conv(SigeScatterGather(blocks, base, ...))``: the conv over the virtual scatter.
 
             Returns ``{conv output: (kind, source nodes)}`` and the outputs not to emit."""
-            uses: dict[str, list] = {}
-            for node in graph.node:
-                for i in node.input:
-                    uses.setdefault(i, []).append(node)
             prod = {o: n for n in graph.node for o in n.output}
-            outs = {o.name for o in graph.output}
             fused, skip = {}, set()
             for conv in graph.node:
                 if conv.domain not in STANDARD_DOMAINS or conv.op_type != "Conv" or len(conv.input) < 2:
@@ -334,8 +324,13 @@ def _importer_class():
                 primfunc_attrs={"sige.op": "SigeSparseConv2d", "op_pattern": OUT_EWISE_FUSABLE})
 
         def _construct_nodes(self, graph):
-            virtual = self._virtual_concats(graph)
-            fused, skip = self._block_convs(graph, virtual)
+            uses: dict[str, list] = {}  # tensor -> [(consumer node, input position)]
+            for node in graph.node:
+                for k, i in enumerate(node.input):
+                    uses.setdefault(i, []).append((node, k))
+            outs = {o.name for o in graph.output}
+            virtual = self._virtual_concats(graph, uses, outs)
+            fused, skip = self._block_convs(graph, virtual, uses, outs)
             for node in graph.node:
                 if node.output and node.output[0] in skip:
                     continue

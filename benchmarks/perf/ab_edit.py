@@ -26,6 +26,7 @@ def main():
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     from sige_export.artifact import open_artifact
+    from sige_export.bench import synthetic_inputs
     from sige_export.edits import synthetic_mask
     from sige_export.program import SigeProgram
     from sige_export.runtime import Engine
@@ -34,18 +35,13 @@ def main():
     for p in a.artifacts:
         man, be = open_artifact(p, verify=False)
         eng = Engine(SigeProgram(None, man), be)
-        rng = np.random.default_rng(0)
-        feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in man["inputs"]}
-        if "t" in feeds:
-            feeds["t"] = np.full(feeds["t"].shape, 500.0, np.float32)
+        feeds = synthetic_inputs(man)
         out = eng.prime(**feeds)
         mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), a.ratio, seed=0)
         src = man["mask"]["source"]
         edited = dict(feeds)
         edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
-        full = {**eng._entry(None).caches, **eng.edit_feeds(mask)}
-        for name, e in man["edit"]["edited"].items():
-            full[e] = edited[name]
+        full = eng._edit_inputs(eng._entry(None), edited, eng.edit_feeds(mask))
         y = be.edit(full)
         subj.append((p, be, feeds, full, out, y[man["edit"]["outputs"][0]], man))
     ref_p, ref_e = subj[0][4], subj[0][5]
