@@ -57,7 +57,7 @@ def ensure(model: str, workdir: Path, log, rebuild: bool = False) -> tuple[Path,
     dense, prog, art = (workdir / f"{model}.dense.onnx", workdir / f"{model}.sige.onnx", workdir / f"{model}.host.sige")
     if not dense.exists():
         export(model, "dense-onnx", dense, options=opts, log=log)
-    if not prog.exists():
+    if rebuild or not prog.exists():  # the sparsifier is part of the compiler: its program is rebuilt too
         export(model, "onnx", prog, options=opts, log=log)
     if rebuild or not art.exists():
         from sige_export.artifact import build_artifact
@@ -324,7 +324,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sige-bench-zoo"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-host")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the artifacts (after a compiler change)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the SIGE programs and artifacts (after a compiler change)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-prime", action="store_true")
     ap.add_argument("--memory", nargs="*", default=["ddpm-church256"], help="models whose memory is measured")

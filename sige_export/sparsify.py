@@ -936,29 +936,42 @@ class _Sparsifier(TokenRules):
         b, c, h, w = self._nchw(x)
         e = self.b
         tiles, tile = self._tiles((h, w))
-        grid = BlockGrid((h, w), snap_block(tile, 1, 1, 0))  # a tile is a 1x1 "conv" block: no halo
-        shape = e.const(EDIT_PREFIX + "gshape", np.array([b, -1, groups, (c // groups) * tile * tile], np.int64))
-        new = e.node("Reshape", [self._gather(x, rep, grid, tiles), shape], EDIT_PREFIX + "new")
-        old = e.node("Reshape", [self._gather_original(x, rep, grid, tiles), shape], EDIT_PREFIX + "old")
-        mean4 = e.node("Unsqueeze", [mean, e.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
-                       EDIT_PREFIX + "mean4")  # [B, 1, G, 1]
-        d = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
-        # the same difference again for the second sum: each reduction then fuses its own (new - old) and
-        # d is never materialised (TVM's FuseOps fuses elementwise producers into one reduction only)
-        d2 = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
-        two_mean = e.node("Add", [mean4, mean4], EDIT_PREFIX + "two_mean")
-        centered = e.node("Sub", [e.node("Add", [new, old], EDIT_PREFIX + "new_old"), two_mean],
-                          EDIT_PREFIX + "centered")
-        axes2 = e.const(EDIT_PREFIX + "axis2", np.array([2], np.int64))
-
-        def group_sum(v: str, hint_: str) -> str:  # [B, T, G, k] -> [B, G, 1]
-            summed = self._reduce(e, "ReduceSum", v, [1, 3], EDIT_PREFIX + hint_, keepdims=0)
-            return e.node("Unsqueeze", [summed, axes2], EDIT_PREFIX + hint_)
-
         inv_n = e.const(EDIT_PREFIX + "inv_n", np.array(groups / (c * h * w), np.float32))
-        dmean = e.node("Mul", [group_sum(d, "delta_sum"), inv_n], EDIT_PREFIX + "dmean")
-        dvar = e.node("Mul", [group_sum(e.node("Mul", [d2, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
-                      EDIT_PREFIX + "dvar")
+        if rep.plain and rep.expr is None and rep.rows is None and not self._fusable(rep):
+            # one pass over the tiles of both full tensors (ai.sige SigeTileMoments): nothing gathered
+            old = self._original(x, rep)  # before _full_base forgets a pending scatter's base
+            sums = e.sige("SigeTileMoments", [self._full_base(x, rep), old, tiles, mean], EDIT_PREFIX + "moments",
+                          block=[tile, tile], groups=groups)  # [2, B, G, 1]
+
+            def moment(i: int, hint_: str) -> str:
+                which = e.const(EDIT_PREFIX + "which", np.array(i, np.int64))
+                return e.node("Mul", [e.node("Gather", [sums, which], EDIT_PREFIX + hint_, axis=0), inv_n],
+                              EDIT_PREFIX + hint_)
+
+            dmean, dvar = moment(0, "dmean"), moment(1, "dvar")
+        else:  # pre-ops pending on x: its gathered tiles, then the sums
+            grid = BlockGrid((h, w), snap_block(tile, 1, 1, 0))  # a tile is a 1x1 "conv" block: no halo
+            shape = e.const(EDIT_PREFIX + "gshape", np.array([b, -1, groups, (c // groups) * tile * tile], np.int64))
+            new = e.node("Reshape", [self._gather(x, rep, grid, tiles), shape], EDIT_PREFIX + "new")
+            old = e.node("Reshape", [self._gather_original(x, rep, grid, tiles), shape], EDIT_PREFIX + "old")
+            mean4 = e.node("Unsqueeze", [mean, e.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
+                           EDIT_PREFIX + "mean4")  # [B, 1, G, 1]
+            d = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
+            # the same difference again for the second sum: each reduction then fuses its own (new - old) and
+            # d is never materialised (TVM's FuseOps fuses elementwise producers into one reduction only)
+            d2 = e.node("Sub", [new, old], EDIT_PREFIX + "delta")
+            two_mean = e.node("Add", [mean4, mean4], EDIT_PREFIX + "two_mean")
+            centered = e.node("Sub", [e.node("Add", [new, old], EDIT_PREFIX + "new_old"), two_mean],
+                              EDIT_PREFIX + "centered")
+            axes2 = e.const(EDIT_PREFIX + "axis2", np.array([2], np.int64))
+
+            def group_sum(v: str, hint_: str) -> str:  # [B, T, G, k] -> [B, G, 1]
+                summed = self._reduce(e, "ReduceSum", v, [1, 3], EDIT_PREFIX + hint_, keepdims=0)
+                return e.node("Unsqueeze", [summed, axes2], EDIT_PREFIX + hint_)
+
+            dmean = e.node("Mul", [group_sum(d, "delta_sum"), inv_n], EDIT_PREFIX + "dmean")
+            dvar = e.node("Mul", [group_sum(e.node("Mul", [d2, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
+                          EDIT_PREFIX + "dvar")
         new_mean = e.node("Add", [mean, dmean], EDIT_PREFIX + "mean")
         new_var = e.node("Sub", [e.node("Add", [var, dvar], EDIT_PREFIX + "var_plus"),
                                  e.node("Mul", [dmean, dmean], EDIT_PREFIX + "dmean_sq")], EDIT_PREFIX + "var")
@@ -982,6 +995,14 @@ class _Sparsifier(TokenRules):
             return self.b.sige("SigeGather", [rep.pending.base, idx, rep.scale or "", rep.shift or ""],
                                EDIT_PREFIX + "gather_orig", block=block, **self._pre_attrs(rep))
         return self.b.sige("SigeGather", [self.cache(x), idx], EDIT_PREFIX + "gather_orig", block=block)
+
+    def _original(self, x: str, rep: Rep) -> str:
+        """The primed value of ``x`` under ``rep``'s pre-ops, as one full tensor (caches the edit holds)."""
+        if rep.parts is not None:
+            return self.b.node("Concat", [self.cache(t) for t, _ in rep.parts], EDIT_PREFIX + "original", axis=1)
+        if rep.pending is not None and rep.full is None:
+            return rep.pending.base  # a scatter's base: the primed output
+        return self.cache(x)
 
     def _tiles(self, hw: tuple[int, int]) -> tuple[str, int]:
         """Index input of the aligned tiles covering every block scattered at resolution ``hw``."""

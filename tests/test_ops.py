@@ -217,12 +217,49 @@ def test_scatter_with_block_residual_body_matches_reference(case: tuple[dict[str
     check_op("SigeScatterWithBlockResidual", feeds, attrs)
 
 
+@st.composite
+def tile_moments_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    groups = draw(st.integers(1, 3))
+    b, c = draw(st.integers(1, 2)), groups * draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    th, tw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    original = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    x = (original + rng.standard_normal((b, c, h, w)) * (rng.random((b, 1, h, w)) < 0.5)).astype(np.float32)
+    return ({"x": x, "original": original, "indices": draw(gather_indices(rng, h, w, th, tw)),
+             "mean": rng.standard_normal((b, groups, 1)).astype(np.float32)}, {"block": (th, tw), "groups": groups})
+
+
+def naive_tile_moments(x: np.ndarray, original: np.ndarray, indices: np.ndarray, mean: np.ndarray,
+                       block: tuple[int, int], groups: int) -> np.ndarray:
+    """The definition, one tile at a time (clipped to the image)."""
+    b, c, h, w = x.shape
+    y = np.zeros((2, b, groups, 1))
+    for r, q in indices.tolist():
+        rows, cols = slice(max(r, 0), min(r + block[0], h)), slice(max(q, 0), min(q + block[1], w))
+        for g in range(groups):
+            ch = slice(g * c // groups, (g + 1) * c // groups)
+            new, old = x[:, ch, rows, cols].astype(np.float64), original[:, ch, rows, cols].astype(np.float64)
+            d = new - old
+            y[0, :, g, 0] += d.sum(axis=(1, 2, 3))
+            y[1, :, g, 0] += (d * (new + old - 2.0 * mean[:, g:g + 1, :, None])).sum(axis=(1, 2, 3))
+    return y
+
+
+@SETTINGS
+@given(tile_moments_case())
+def test_tile_moments_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    feeds, attrs = case
+    y = check_op("SigeTileMoments", feeds, attrs)
+    assert_close(y, naive_tile_moments(*feeds.values(), **attrs), what="SigeTileMoments reference vs definition")
+
+
 # ------------------------------------------------------------------------------------------------
 # API: make_node, overloads, attach_functions, shape inference
 # ------------------------------------------------------------------------------------------------
 def test_op_types_and_reference_ops() -> None:
     assert co.OP_TYPES == ("SigeGather", "SigeSparseConv2d", "SigeScatter", "SigeScatterGather",
-                           "SigeScatterWithBlockResidual")
+                           "SigeScatterWithBlockResidual", "SigeTileMoments")
     assert co.DOMAIN == "ai.sige" and co.OPSET_VERSION == 1
     assert [c.__name__ for c in co.reference_ops()] == list(co.OP_TYPES)
     assert all(c.op_domain == "ai.sige" for c in co.reference_ops())

@@ -25,6 +25,7 @@ SCATTER = ("SigeScatter", [z(2, 3, 2, 2), z(1, 3, 6, 6), np.array([[0, 0], [2, 2
 SG = ("SigeScatterGather", [z(2, 3, 2, 2), z(1, 3, 6, 6), np.full((6, 6), -1, np.int32), IDX], {"block": 4})
 RES = ("SigeScatterWithBlockResidual", [z(1, 3, 2, 2), z(1, 3, 6, 6), np.array([[0, 0]], np.int32),
                                          z(1, 3, 4, 4), z(1, 3, 6, 6), np.array([[2, 2]], np.int32)], {})
+MOM = ("SigeTileMoments", [z(1, 4, 8, 8), z(1, 4, 8, 8), IDX, z(1, 2, 1)], {"block": 4, "groups": 2})
 
 
 def with_input(case: tuple[str, list[Any], dict[str, Any]], i: int, value: Any,
@@ -74,6 +75,12 @@ BAD: list[tuple[str, tuple[str, list[Any], dict[str, Any]], str]] = [
     ("res shortcut channels", with_input(RES, 3, z(1, 2, 4, 4)), r"channel mismatch: shortcut_blocks"),
     ("res shortcut indices", with_input(RES, 5, np.array([[2, 2]], np.int64)), r"shortcut_indices must be int32"),
     ("res shortcut outside", with_input(RES, 5, np.array([[9, 2]], np.int32)), r"shortcut_indices\[0\].*outside"),
+    ("moments original shape", with_input(MOM, 1, z(1, 4, 8, 7)), r"original shape \[1, 4, 8, 7\] != x shape"),
+    ("moments groups", with_input(MOM, 0, z(1, 4, 8, 8), groups=3), r"4 channels, not a multiple of groups=3"),
+    ("moments mean shape", with_input(MOM, 3, z(1, 2)), r"'mean' must have rank 3"),
+    ("moments mean groups", with_input(MOM, 3, z(1, 4, 1)), r"mean must have shape \[B, groups, 1\] = \[1, 2, 1\]"),
+    ("moments tile outside", with_input(MOM, 2, np.array([[0, 8]], np.int32)), r"indices\[0\].*outside the image"),
+    ("moments groups 0", with_input(MOM, 0, z(1, 4, 8, 8), groups=0), r"'groups' must be >= 1"),
     ("bad attribute", with_input(GATHER, 0, z(1, 3, 8, 8), activation="mish"), r"'activation' must be one of"),
     ("unknown attribute", with_input(GATHER, 0, z(1, 3, 8, 8), stride=2), r"unknown attribute\(s\) \['stride'\]"),
 ]
@@ -88,7 +95,7 @@ def test_bad_input_is_named(case: tuple[str, list[Any], dict[str, Any]], pattern
         co.reference(op, *arrays, **attrs)
 
 
-@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES, MOM], ids=lambda c: c[0])
 def test_good_inputs_pass(case: tuple[str, list[Any], dict[str, Any]]) -> None:
     op, arrays, attrs = case
     co.validate_inputs(op, arrays, attrs)

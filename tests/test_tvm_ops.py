@@ -244,6 +244,30 @@ def test_gather_of_channel_concat_reads_parts():
         assert_close(z, custom_ops.reference("SigeGather", cat, idx, block=[6, 6]), what=f"concat gather N={n}")
 
 
+@pytest.mark.parametrize("split", [3, 4])  # parts of 3 + 5 channels split a group; 4 + 4 hold whole groups
+def test_tile_moments_reads_concatenated_parts(split):
+    """SigeTileMoments over channel concats (never materialised) and tiles past the border (zero there);
+    one module for every N; scheduled by the cpu.tile_moments rule."""
+    groups, tile = 4, (3, 4)
+    nodes = [helper.make_node("Concat", ["a", "b"], ["new"], axis=1),
+             helper.make_node("Concat", ["oa", "ob"], ["old"], axis=1),
+             custom_ops.make_node("SigeTileMoments", ["new", "old", "idx", "mean"], ["y"], block=list(tile),
+                                  groups=groups)]
+    parts = {"a": (B, split, H, W), "b": (B, C - split, H, W), "oa": (B, split, H, W), "ob": (B, C - split, H, W)}
+    m = make_model(nodes, [vi(k, list(v)) for k, v in parts.items()] + [idx_type(), vi("mean", [B, groups, 1])],
+                   [vi("y", None)])
+    lib = compile_program(m, "host", parts)
+    assert not any("concatenate" in n for n, _, _ in lib.schedule_log), lib.schedule_log
+    assert any(r == "cpu.tile_moments" for _, r, _ in lib.schedule_log), lib.schedule_log
+    (a, b, oa, ob), mean = (f32(*parts[k]) for k in ("a", "b", "oa", "ob")), f32(B, groups, 1)
+    new, old = np.concatenate([a, b], 1), np.concatenate([oa, ob], 1)
+    for n in COUNTS:
+        idx = gather_grid(n, block=tile, stride=tile, offset=(0, 0))
+        got = lib.run(a, b, oa, ob, idx, mean)
+        want = custom_ops.reference("SigeTileMoments", new, old, idx, mean, block=tile, groups=groups)
+        assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"SigeTileMoments N={n}")
+
+
 def test_fast_exp_sigmoid_accuracy():
     """CPU targets lower exp/sigmoid to a vectorised polynomial (tvm_schedules.cpu.fastmath)."""
     x = np.concatenate([np.linspace(-120, 120, 4093), RNG.standard_normal(3) * 4]).astype(np.float32).reshape(1, 4096)

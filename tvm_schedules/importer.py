@@ -34,8 +34,8 @@ def _node_label(node: onnx.NodeProto) -> str:
 
 
 class VirtualConcat:
-    """A channel ``Concat`` whose only consumers are ``SigeGather`` x inputs: never materialised, the
-    gathers read its parts (``sige_te.concat_load``)."""
+    """A channel ``Concat`` whose only consumers are ``SigeGather`` x or ``SigeTileMoments`` x / original
+    inputs: never materialised, they read its parts (``sige_te.concat_load``)."""
 
     def __init__(self, parts):
         self.parts = list(parts)
@@ -118,6 +118,23 @@ def _convert_scatter_gather(bb, inputs, attrs, name):
                       primfunc_attrs={"sige.op": "SigeScatterGather"})
 
 
+def _convert_tile_moments(bb, inputs, attrs, name):
+    from . import sige_te
+
+    x, original, idx, mean = inputs[:4]
+    xs = list(x.parts) if isinstance(x, VirtualConcat) else [x]
+    os_ = list(original.parts) if isinstance(original, VirtualConcat) else [original]
+    block = _ints(attrs, "block")
+    groups = int(attrs["groups"])
+
+    def f(*a):
+        return sige_te.tile_moments_te(list(a[:len(xs)]), list(a[len(xs):len(xs) + len(os_)]), a[-2], a[-1],
+                                       block=block, groups=groups)
+
+    return bb.emit_te(f, *xs, *os_, idx, mean, primfunc_name_hint="sige_tile_moments",
+                      primfunc_attrs={"sige.op": "SigeTileMoments"})
+
+
 def _static(dims, what):
     out = []
     for d in dims:
@@ -161,12 +178,16 @@ def _convert_scatter_block_residual(bb, inputs, attrs, name):
                                   relax.TensorType((B, C, Ho, Wo), "float32")))
 
 
+# ai.sige inputs (by position) that may be a VirtualConcat
+_READS_CONCAT_IN_PLACE = {"SigeGather": (0,), "SigeTileMoments": (0, 1)}
+
 SIGE_CONVERTERS: dict[str, Callable] = {
     "SigeGather": _convert_gather,
     "SigeSparseConv2d": _convert_sparse_conv,
     "SigeScatter": _convert_scatter,
     "SigeScatterGather": _convert_scatter_gather,
     "SigeScatterWithBlockResidual": _convert_scatter_block_residual,
+    "SigeTileMoments": _convert_tile_moments,
 }
 
 
@@ -202,7 +223,7 @@ def _importer_class():
         packed_weights: frozenset = frozenset()
 
         def _virtual_concats(self, graph, uses: dict, outs: set) -> set:
-            """Outputs of channel Concats of static 4-D tensors consumed only as SigeGather x inputs."""
+            """Outputs of channel Concats of static 4-D tensors consumed only as inputs that read in place."""
             out = set()
             for node in graph.node:
                 if node.domain not in STANDARD_DOMAINS or node.op_type != "Concat" or len(node.output) != 1:
@@ -212,7 +233,7 @@ def _importer_class():
                 u = uses.get(y, [])
                 if axis not in (1, -3) or y in outs or not u or len(node.input) < 2:
                     continue
-                if all(n.domain == SIGE_DOMAIN and n.op_type == "SigeGather" and k == 0 for n, k in u):
+                if all(n.domain == SIGE_DOMAIN and k in _READS_CONCAT_IN_PLACE.get(n.op_type, ()) for n, k in u):
                     out.add(y)
             return out
 
@@ -448,7 +469,7 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
         if node.domain != SIGE_DOMAIN:
             continue
         pos = {"SigeGather": [1], "SigeSparseConv2d": [1], "SigeScatter": [2], "SigeScatterGather": [3],
-               "SigeScatterWithBlockResidual": [2, 5]}.get(node.op_type, [])
+               "SigeScatterWithBlockResidual": [2, 5], "SigeTileMoments": [2]}.get(node.op_type, [])
         for p in pos:
             if p < len(node.input):
                 idx_inputs.setdefault(node.input[p], f"N_{len(idx_inputs)}")

@@ -10,6 +10,7 @@ the contract with the rules:
 * ``sige_bias``    -- bias epilogue of ``sige_conv``
 * ``sige_scatter_copy`` / ``sige_scatter`` / ``sige_shortcut`` -- scatter ops
 * ``sige_scatter_gather`` -- fused scatter+gather
+* ``sige_tile_moments`` -- ``[2, B, G, 1]`` group sums over tiles (reduction over ``rn, rc, ri, rj``)
 
 The block count ``N`` is symbolic (an int64 ``tir.Var``): one compiled kernel serves every
 mask; inner loop nests stay static (per block ``C x bh x bw``), only the outer block loop is
@@ -227,6 +228,61 @@ def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1))
     if bias is not None:
         y = te.compute((B, Cout, oh, ow), lambda b, co, i, j: y[b, co, i, j] + bias[co], name="T_add")
     return y
+
+
+def tile_moments_te(x, original, indices: te.Tensor, mean: te.Tensor, *, block: Sequence[int], groups: int):
+    """SigeTileMoments: ``y[0, b, g, 0] = sum(x - original)``, ``y[1, b, g, 0] = sum((x - original) *
+    (x + original - 2 mean[b, g, 0]))`` over the tiles, the group's channels and the tile pixels (0 outside
+    the image). ``x`` / ``original`` may be lists of tensors: their channel concatenation, read in place.
+    When the parts hold whole groups, each part is reduced on its own (``sige_tile_moments_part<k>``, no
+    per-element part select) and ``sige_tile_moments`` stacks the parts' groups."""
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    os_ = list(original) if isinstance(original, (list, tuple)) else [original]
+    B, _, H, W = xs[0].shape
+    C = sum(int(t.shape[1]) for t in xs)
+    per_group = C // int(groups)
+    bh, bw = int(block[0]), int(block[1])
+
+    def reduction(px: list, po: list, g0: int, n_groups: int, name: str) -> te.Tensor:
+        rn = te.reduce_axis((0, indices.shape[0]), name="rn")
+        rc = te.reduce_axis((0, per_group), name="rc")
+        ri = te.reduce_axis((0, bh), name="ri")
+        rj = te.reduce_axis((0, bw), name="rj")
+
+        def load(parts, b, c, h, w):
+            return parts[0][b, c, h, w] if len(parts) == 1 else concat_load(parts, b, c, h, w)
+
+        def term(s, b, g):
+            h = _i64(indices[rn, 0]) + ri
+            w = _i64(indices[rn, 1]) + rj
+            inside = tir.all(h >= 0, h < H, w >= 0, w < W)
+            hc = tir.max(tir.min(h, H - 1), 0)
+            wc = tir.max(tir.min(w, W - 1), 0)
+            c = g * per_group + rc
+            new, old = load(px, b, c, hc, wc), load(po, b, c, hc, wc)
+            d = new - old
+            m = mean[b, g + g0, 0]
+            v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
+            return tir.if_then_else(inside, v, tir.const(0.0, xs[0].dtype))
+
+        return te.compute((2, B, n_groups, 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=[rn, rc, ri, rj]),
+                          name=name)
+
+    sizes = [int(t.shape[1]) for t in xs]
+    if len(xs) == 1 or sizes != [int(t.shape[1]) for t in os_] or any(n % per_group for n in sizes):
+        return reduction(xs, os_, 0, int(groups), "sige_tile_moments")
+    parts, g0 = [], 0
+    for k, (px, po) in enumerate(zip(xs, os_)):
+        parts.append((g0, reduction([px], [po], g0, int(px.shape[1]) // per_group, f"sige_tile_moments_part{k}")))
+        g0 += int(px.shape[1]) // per_group
+
+    def stack(s, b, g, u):
+        v = parts[0][1][s, b, g, u]
+        for start, y in parts[1:]:
+            v = tir.if_then_else(g >= start, y[s, b, tir.max(g - start, 0), u], v)
+        return v
+
+    return te.compute((2, B, int(groups), 1), stack, name="sige_tile_moments")
 
 
 def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):

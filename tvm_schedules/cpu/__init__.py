@@ -1,7 +1,7 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
-Rules (``default_rules`` tries SigeGatherScatter, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic; the first
-match wins, like ``s_tir.dlight``):
+Rules (``default_rules`` tries SigeGatherScatter, TileMoments, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic;
+the first match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
   ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
@@ -14,6 +14,8 @@ match wins, like ``s_tir.dlight``):
   static vectorisable ``j``: register-blocked ``4 x V``.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
+* ``TileMoments`` -- ``SigeTileMoments`` (group-norm statistics of an edit): one pass over the tiles per
+  (batch, group), vector partial sums.
 * ``Generic``     -- anything else: inline injective producers, parallel over the fused outer spatial
   loops, vectorise a static innermost spatial loop.
 """
@@ -526,6 +528,33 @@ class SigeGatherScatter(ScheduleRule):
         return sch
 
 
+class TileMoments(ScheduleRule):
+    """SigeTileMoments: one (batch, group) per parallel task; both sums in one pass over its tiles, into
+    partial sums per tile column and sum (2 x bw accumulators: fully unrolled, LLVM keeps them in vector
+    registers)."""
+
+    name = "cpu.tile_moments"
+
+    def apply(self, func, target):
+        if not isinstance(func, tirx.PrimFunc) or _func_op(func) != "SigeTileMoments":
+            return None
+        sch = s_tir.Schedule(func)
+        for b in _root_blocks(sch):  # one reduction, or one per concatenated part (then a stacking block)
+            if _is_spatial(sch, b):
+                continue
+            rf = sch.rfactor(sch.get_loops(b)[-1], 4)  # [2, B, G, 1, bw] partial sums
+            s, bb, g, u, rn, rc, ri, rj = sch.get_loops(rf)
+            sch.reorder(bb, g, u, rn, rc, ri, s, rj)
+            task = sch.fuse(bb, g, u)
+            sch.parallel(task)
+            sch.reverse_compute_at(b, task)
+            sch.set_scope(rf, 0, "local")
+            sch.decompose_reduction(rf, rn)
+            sch.unroll(s)
+            sch.unroll(rj)
+        return sch
+
+
 class Generic(ScheduleRule):
     """Fallback for injective and reduction functions: inline injective producers, parallel outer
     spatial loops, vectorise a static innermost spatial loop."""
@@ -627,7 +656,8 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 
 def default_rules():
-    return [SigeGatherScatter(), DepthwiseConv2d(), Conv2dNCHW(), Matmul(), Generic()]
+    return [SigeGatherScatter(), TileMoments(), DepthwiseConv2d(), Conv2dNCHW(), Matmul(), Generic()]
 
 
-__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "Matmul", "SigeGatherScatter", "Generic", "default_rules", "vector_lanes"]
+__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "Matmul", "SigeGatherScatter", "TileMoments", "Generic", "default_rules",
+           "vector_lanes"]
