@@ -288,8 +288,32 @@ def build_artifact(program, target: str, output: str | os.PathLike,
         _write_tar(output, full, [(m, (tmp / m).stat().st_size, lambda m=m: open(tmp / m, "rb")) for m in members])
     log(f"artifact: {output} ({output.stat().st_size / 2**20:.1f} MiB, {len(members) + 1} members)")
     if calibrate:
-        calibrate_artifact(output, log=log)
+        _calibrate_in_fresh_process(output, log)
     return output
+
+
+def _tvm_threads() -> int | None:
+    try:
+        import tvm_ffi
+
+        return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    except Exception:  # noqa: BLE001 - a runtime without the query
+        return None
+
+
+def _calibrate_in_fresh_process(path: Path, log: Callable[[str], None]) -> None:
+    """:func:`calibrate_artifact` in a child process, as an app runs the artifact: the compiling process may
+    have started TVM's thread pool already (constant folding runs kernels) with TVM's default thread count,
+    which :func:`use_physical_cores` can no longer change there."""
+    import subprocess
+    import sys
+
+    code = "import sys; from sige_export.artifact import calibrate_artifact; calibrate_artifact(sys.argv[1], log=print)"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        log(line)
+    if proc.returncode:
+        raise ArtifactError(f"{path}: calibration failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
 def _write_tar(output: Path, manifest: dict, members: list[tuple[str, int, Callable[[], Any]]]) -> None:
@@ -336,7 +360,7 @@ def calibrate_artifact(path: str | os.PathLike, *, ratios: Sequence[float] = (0.
     runtime["calibration"] = {"dense_ms": cal["dense_s"] * 1e3, "margin": cal.get("margin"),
                               "edit_ms": [[r, s * 1e3] for r, s in cal["edit_s"]],
                               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                              "threads": os.environ.get("TVM_NUM_THREADS", str(os.cpu_count())),
+                              "threads": _tvm_threads(),
                               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     manifest = dict(manifest)
     manifest["runtime"] = runtime
@@ -524,6 +548,31 @@ class _Pass:
         return res
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> None:
+    """One TVM worker thread per physical core, unless ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` says otherwise.
+
+    TVM's own default on x86 is half the logical CPUs (it assumes 2-way SMT): on a machine without SMT that
+    leaves half the cores idle and edits run at half speed. Takes effect if no TVM kernel has run in the
+    process yet (the thread pool reads it once)."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
 class TvmArtifactBackend:
     """The runtime's Backend protocol over a compiled artifact: ``prime``/``edit``/``dense`` take and return
     dicts of numpy arrays. Uses tvm_ffi + libtvm_runtime only (never the TVM compiler, never torch)."""
@@ -535,6 +584,8 @@ class TvmArtifactBackend:
         self.manifest = manifest
         self.device_kind = device
         self._ffi = tvm_ffi
+        if device != "cuda":
+            use_physical_cores()
         _load_tvm_runtime(cuda=device == "cuda")
         art = manifest["artifact"]
         # weights: one buffer, zero-copy views, one tvm tensor each (converted once)

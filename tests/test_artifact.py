@@ -351,6 +351,42 @@ def test_build_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sige"]
 
 
+def test_engines_use_every_physical_core(small):
+    """A loaded artifact runs one TVM thread per physical core (TVM's x86 default is half the logical CPUs:
+    half the cores on machines without SMT); an explicit TVM_NUM_THREADS wins."""
+    from sige_export.artifact import physical_cores
+
+    code = textwrap.dedent(f"""
+        import numpy as np, sige_export, tvm_ffi
+        engine = sige_export.load({str(small[1])!r})
+        engine.prime(**{{i["name"]: np.zeros(i["shape"], i["dtype"]) for i in engine.manifest["inputs"]}})
+        print(tvm_ffi.get_global_func("runtime.NumThreads")())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(run.stdout.split()[-1]) == physical_cores() >= 1
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "TVM_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, check=True)
+    assert int(run.stdout.split()[-1]) == 1
+
+
+def test_build_calibrates_in_a_fresh_process(small, tmp_path):
+    """``build_artifact(calibrate=True)`` times in a child process (the compiler's process skews timings); its
+    log reaches the caller and a failing child is an ArtifactError that says so."""
+    import shutil
+
+    from sige_export.artifact import _calibrate_in_fresh_process
+
+    path = tmp_path / "child.host.sige"
+    shutil.copy(small[1], path)
+    lines: list[str] = []
+    _calibrate_in_fresh_process(path, lines.append)
+    assert any(line.startswith("calibrated in") for line in lines), lines
+    assert 0.0 <= read_manifest(path)["runtime"]["crossover_ratio"] <= 1.0
+    with pytest.raises(ArtifactError, match="calibration failed"):
+        _calibrate_in_fresh_process(tmp_path / "missing.host.sige", lines.append)
+
+
 def test_calibration_stored_in_artifact_drives_the_fallback(small, tmp_path):
     """``calibrate_artifact`` measures the crossover here, stores it (members untouched, still verified), and
     engines loading the artifact run edits above it dense and below it sparse, with the same outputs."""
