@@ -18,14 +18,15 @@ import onnx
 from onnx import helper
 from onnx.reference.op_run import OpRun
 
-from . import (sige_gather, sige_scatter, sige_scatter_gather, sige_scatter_with_block_residual, sige_sparse_conv2d,
-               sige_tile_moments)
+from . import (sige_gather, sige_scatter, sige_scatter_gather, sige_scatter_moments, sige_scatter_with_block_residual,
+               sige_sparse_conv2d, sige_tile_moments)
 from ._common import (DOMAIN, IR_VERSION, ONNX_OPSET, OPSET_VERSION, REGISTRY, Body, OpDef, attrs_from_node,
                       normalise_attrs)
 from ._common import overload_name as _overload_name
 from .sige_gather import SigeGather
 from .sige_scatter import SigeScatter
 from .sige_scatter_gather import SigeScatterGather
+from .sige_scatter_moments import SigeScatterMoments
 from .sige_scatter_with_block_residual import SigeScatterWithBlockResidual
 from .sige_sparse_conv2d import SigeSparseConv2d
 from .sige_tile_moments import SigeTileMoments
@@ -34,15 +35,15 @@ __all__ = [
     "DOMAIN", "OPSET_VERSION", "OP_TYPES", "MIN_MODEL_OPSET", "make_node", "function_for", "attach_functions",
     "reference_ops", "infer_shape", "validate_inputs", "reference", "normalize_attrs", "overload_for",
     "SigeGather", "SigeSparseConv2d", "SigeScatter", "SigeScatterGather", "SigeScatterWithBlockResidual",
-    "SigeTileMoments",
+    "SigeTileMoments", "SigeScatterMoments",
 ]
 
 _MODULES = (sige_gather, sige_sparse_conv2d, sige_scatter, sige_scatter_gather, sige_scatter_with_block_residual,
-            sige_tile_moments)
+            sige_tile_moments, sige_scatter_moments)
 OP_TYPES: tuple[str, ...] = tuple(m.OP_TYPE for m in _MODULES)
 MIN_MODEL_OPSET = 17  # default-domain opset a model needs for the bodies (checked and run with 17..21)
 _OP_RUNS: tuple[type[OpRun], ...] = (SigeGather, SigeSparseConv2d, SigeScatter, SigeScatterGather,
-                                     SigeScatterWithBlockResidual, SigeTileMoments)
+                                     SigeScatterWithBlockResidual, SigeTileMoments, SigeScatterMoments)
 
 
 def _op(op_type: str) -> OpDef:

@@ -926,7 +926,7 @@ class _Sparsifier(TokenRules):
         return mean, var
 
     def _edited_moments(self, x: str, rep: Rep, groups: int, mean: str, var: str) -> tuple[str, str]:
-        """Mean and variance [B, G, 1] of the edited ``x``: cached moments corrected over the scattered tiles.
+        """Mean and variance [B, G, 1] of the edited ``x``: cached moments corrected where it changed.
 
         With d = new - old over the changed tiles and n elements per group:
         mean' = mean + sum(d)/n, var' = var + sum(d * (new + old - 2 mean))/n - (sum(d)/n)^2;
@@ -935,21 +935,28 @@ class _Sparsifier(TokenRules):
         """
         b, c, h, w = self._nchw(x)
         e = self.b
-        tiles, tile = self._tiles((h, w))
         inv_n = e.const(EDIT_PREFIX + "inv_n", np.array(groups / (c * h * w), np.float32))
-        if rep.plain and rep.expr is None and rep.rows is None and not self._fusable(rep):
-            # one pass over the tiles of both full tensors (ai.sige SigeTileMoments): nothing gathered
+        p = rep.pending
+        sums = None  # [2, B, G, 1] from one ai.sige moments op, read in one pass
+        if p is not None and rep.full is None and p.residual is None and rep.act is None and rep.expr is None:
+            # x differs from the primed tensor exactly at the pending blocks: their moments against the base
+            sums = e.sige("SigeScatterMoments", [p.blocks, p.base, p.indices, mean, rep.scale or "", rep.shift or ""],
+                          EDIT_PREFIX + "moments", offset=list(p.grid.config.offset),
+                          stride=list(p.grid.config.stride), groups=groups)
+        elif rep.plain and rep.expr is None and rep.rows is None and not self._fusable(rep):
+            tiles, tile = self._tiles((h, w))
             old = self._original(x, rep)  # before _full_base forgets a pending scatter's base
             sums = e.sige("SigeTileMoments", [self._full_base(x, rep), old, tiles, mean], EDIT_PREFIX + "moments",
-                          block=[tile, tile], groups=groups)  # [2, B, G, 1]
-
+                          block=[tile, tile], groups=groups)
+        if sums is not None:
             def moment(i: int, hint_: str) -> str:
                 which = e.const(EDIT_PREFIX + "which", np.array(i, np.int64))
                 return e.node("Mul", [e.node("Gather", [sums, which], EDIT_PREFIX + hint_, axis=0), inv_n],
                               EDIT_PREFIX + hint_)
 
             dmean, dvar = moment(0, "dmean"), moment(1, "dvar")
-        else:  # pre-ops pending on x: its gathered tiles, then the sums
+        else:  # an activation (or an expression) pending on x: its gathered tiles, then the sums
+            tiles, tile = self._tiles((h, w))
             grid = BlockGrid((h, w), snap_block(tile, 1, 1, 0))  # a tile is a 1x1 "conv" block: no halo
             shape = e.const(EDIT_PREFIX + "gshape", np.array([b, -1, groups, (c // groups) * tile * tile], np.int64))
             new = e.node("Reshape", [self._gather(x, rep, grid, tiles), shape], EDIT_PREFIX + "new")

@@ -254,12 +254,44 @@ def test_tile_moments_body_matches_reference(case: tuple[dict[str, Any], dict[st
     assert_close(y, naive_tile_moments(*feeds.values(), **attrs), what="SigeTileMoments reference vs definition")
 
 
+@st.composite
+def scatter_moments_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    rng = _rng(draw)
+    groups = draw(st.integers(1, 3))
+    b, c = draw(st.integers(1, 2)), groups * draw(st.integers(1, 3))
+    ho, wo, ph, pw = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    offset, stride = (draw(st.integers(0, 2)), draw(st.integers(0, 2))), draw(st.sampled_from([(1, 1), (2, 2)]))
+    idx = _grid_indices(draw, rng, ho, wo, ph, pw, offset, stride)
+    per_channel = draw(st.sampled_from([None, "C11", "1C11", "BC11", "scalar"]))
+    return ({"blocks": rng.standard_normal((b * len(idx), c, ph, pw)).astype(np.float32),
+             "base": rng.standard_normal((b, c, ho, wo)).astype(np.float32), "indices": idx,
+             "mean": rng.standard_normal((b, groups, 1)).astype(np.float32),
+             "scale": _param(rng, per_channel, b, c, ho, wo), "shift": _param(rng, per_channel, b, c, ho, wo)},
+            {"offset": offset, "stride": stride, "groups": groups})
+
+
+@SETTINGS
+@given(scatter_moments_case())
+def test_scatter_moments_body_matches_reference(case: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Body == reference, and both == SigeTileMoments of the scattered vs the base tensor over 1x1 tiles."""
+    feeds, attrs = case
+    y = check_op("SigeScatterMoments", feeds, attrs)
+    scale, shift = (default if feeds[k] is None else feeds[k] for k, default in (("scale", 1.0), ("shift", 0.0)))
+    new = co.reference("SigeScatter", feeds["blocks"], feeds["base"], feeds["indices"], offset=attrs["offset"],
+                       stride=attrs["stride"]) * scale + shift
+    old = feeds["base"] * scale + shift
+    _, _, h, w = old.shape
+    pixels = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
+    assert_close(y, naive_tile_moments(new, old, pixels, feeds["mean"], (1, 1), attrs["groups"]), rtol=1e-4,
+                 atol=1e-4, what="SigeScatterMoments vs the moments of the scattered tensor")
+
+
 # ------------------------------------------------------------------------------------------------
 # API: make_node, overloads, attach_functions, shape inference
 # ------------------------------------------------------------------------------------------------
 def test_op_types_and_reference_ops() -> None:
     assert co.OP_TYPES == ("SigeGather", "SigeSparseConv2d", "SigeScatter", "SigeScatterGather",
-                           "SigeScatterWithBlockResidual", "SigeTileMoments")
+                           "SigeScatterWithBlockResidual", "SigeTileMoments", "SigeScatterMoments")
     assert co.DOMAIN == "ai.sige" and co.OPSET_VERSION == 1
     assert [c.__name__ for c in co.reference_ops()] == list(co.OP_TYPES)
     assert all(c.op_domain == "ai.sige" for c in co.reference_ops())

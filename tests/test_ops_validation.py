@@ -25,6 +25,8 @@ SCATTER = ("SigeScatter", [z(2, 3, 2, 2), z(1, 3, 6, 6), np.array([[0, 0], [2, 2
 SG = ("SigeScatterGather", [z(2, 3, 2, 2), z(1, 3, 6, 6), np.full((6, 6), -1, np.int32), IDX], {"block": 4})
 RES = ("SigeScatterWithBlockResidual", [z(1, 3, 2, 2), z(1, 3, 6, 6), np.array([[0, 0]], np.int32),
                                          z(1, 3, 4, 4), z(1, 3, 6, 6), np.array([[2, 2]], np.int32)], {})
+SMOM = ("SigeScatterMoments", [z(2, 4, 2, 2), z(1, 4, 6, 6), np.array([[0, 0], [2, 2]], np.int32), z(1, 2, 1)],
+        {"groups": 2})
 MOM = ("SigeTileMoments", [z(1, 4, 8, 8), z(1, 4, 8, 8), IDX, z(1, 2, 1)], {"block": 4, "groups": 2})
 
 
@@ -81,6 +83,10 @@ BAD: list[tuple[str, tuple[str, list[Any], dict[str, Any]], str]] = [
     ("moments mean groups", with_input(MOM, 3, z(1, 4, 1)), r"mean must have shape \[B, groups, 1\] = \[1, 2, 1\]"),
     ("moments tile outside", with_input(MOM, 2, np.array([[0, 8]], np.int32)), r"indices\[0\].*outside the image"),
     ("moments groups 0", with_input(MOM, 0, z(1, 4, 8, 8), groups=0), r"'groups' must be >= 1"),
+    ("scatter moments shift", with_input(SMOM, 5, z(1, 4, 6, 6)), r"shift of shape \[1, 4, 6, 6\] is not per channel"),
+    ("scatter moments mean", with_input(SMOM, 3, z(1, 4, 1)), r"mean must have shape \[B, groups, 1\] = \[1, 2, 1\]"),
+    ("scatter moments outside", with_input(SMOM, 2, np.array([[0, 0], [6, 0]], np.int32)), r"indices\[1\].*outside"),
+    ("scatter moments batch", with_input(SMOM, 0, z(3, 4, 2, 2)), r"blocks batch 3 != base batch 1"),
     ("bad attribute", with_input(GATHER, 0, z(1, 3, 8, 8), activation="mish"), r"'activation' must be one of"),
     ("unknown attribute", with_input(GATHER, 0, z(1, 3, 8, 8), stride=2), r"unknown attribute\(s\) \['stride'\]"),
 ]
@@ -95,7 +101,7 @@ def test_bad_input_is_named(case: tuple[str, list[Any], dict[str, Any]], pattern
         co.reference(op, *arrays, **attrs)
 
 
-@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES, MOM], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES, MOM, SMOM], ids=lambda c: c[0])
 def test_good_inputs_pass(case: tuple[str, list[Any], dict[str, Any]]) -> None:
     op, arrays, attrs = case
     co.validate_inputs(op, arrays, attrs)

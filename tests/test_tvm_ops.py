@@ -134,6 +134,27 @@ def test_scatter(scatter_libs, residual):
         np.testing.assert_array_equal(base, base_copy)  # base is never modified
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_scatter_moments(affine):
+    """SigeScatterMoments (blocks past the border clipped; per-channel scale/shift) for several N on one module."""
+    groups = 4
+    ins = ["blocks", "base", "idx", "mean"] + (["scale", "shift"] if affine else [])
+    inputs = [vi("blocks", ["BN", C, 4, 4]), vi("base", [B, C, Ho, Wo]), idx_type(), vi("mean", [B, groups, 1])]
+    inputs += [vi("scale", [C, 1, 1]), vi("shift", [B, C, 1, 1])] if affine else []
+    attrs = dict(SC_ATTRS, groups=groups)
+    m = make_model([custom_ops.make_node("SigeScatterMoments", ins, ["y"], **attrs)], inputs, [vi("y", None)])
+    lib = compile_program(m, "host", {"blocks": ("BN", C, 4, 4)})
+    assert any(r == "cpu.group_moments" for _, r, _ in lib.schedule_log), lib.schedule_log
+    base, mean = f32(B, C, Ho, Wo), f32(B, groups, 1)
+    extra = [f32(C, 1, 1), f32(B, C, 1, 1)] if affine else []
+    for n in COUNTS:
+        idx = gather_grid(n)
+        blocks = f32(B * idx.shape[0], C, 4, 4)
+        got = lib.run(blocks, base, idx, mean, *extra)
+        want = custom_ops.reference("SigeScatterMoments", blocks, base, idx, mean, *extra, **attrs)
+        assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"SigeScatterMoments(affine={affine}) N={n}")
+
+
 # -- SigeScatterGather ----------------------------------------------------------------------------
 SG_ATTRS = dict(block=[6, 6], activation="tanh")
 
@@ -247,7 +268,7 @@ def test_gather_of_channel_concat_reads_parts():
 @pytest.mark.parametrize("split", [3, 4])  # parts of 3 + 5 channels split a group; 4 + 4 hold whole groups
 def test_tile_moments_reads_concatenated_parts(split):
     """SigeTileMoments over channel concats (never materialised) and tiles past the border (zero there);
-    one module for every N; scheduled by the cpu.tile_moments rule."""
+    one module for every N; scheduled by the cpu.group_moments rule."""
     groups, tile = 4, (3, 4)
     nodes = [helper.make_node("Concat", ["a", "b"], ["new"], axis=1),
              helper.make_node("Concat", ["oa", "ob"], ["old"], axis=1),
@@ -258,7 +279,7 @@ def test_tile_moments_reads_concatenated_parts(split):
                    [vi("y", None)])
     lib = compile_program(m, "host", parts)
     assert not any("concatenate" in n for n, _, _ in lib.schedule_log), lib.schedule_log
-    assert any(r == "cpu.tile_moments" for _, r, _ in lib.schedule_log), lib.schedule_log
+    assert any(r == "cpu.group_moments" for _, r, _ in lib.schedule_log), lib.schedule_log
     (a, b, oa, ob), mean = (f32(*parts[k]) for k in ("a", "b", "oa", "ob")), f32(B, groups, 1)
     new, old = np.concatenate([a, b], 1), np.concatenate([oa, ob], 1)
     for n in COUNTS:

@@ -135,6 +135,24 @@ def _convert_tile_moments(bb, inputs, attrs, name):
                       primfunc_attrs={"sige.op": "SigeTileMoments"})
 
 
+def _convert_scatter_moments(bb, inputs, attrs, name):
+    from . import sige_te
+
+    blocks, base, idx, mean = inputs[:4]
+    scale, shift = _opt(inputs, 4), _opt(inputs, 5)
+    present = [t for t in (scale, shift) if t is not None]
+
+    def f(blocks, base, idx, mean, *rest):
+        rest = list(rest)
+        sc = rest.pop(0) if scale is not None else None
+        sf = rest.pop(0) if shift is not None else None
+        return sige_te.scatter_moments_te(blocks, base, idx, mean, sc, sf, offset=_ints(attrs, "offset", (0, 0)),
+                                          stride=_ints(attrs, "stride", (1, 1)), groups=int(attrs["groups"]))
+
+    return bb.emit_te(f, blocks, base, idx, mean, *present, primfunc_name_hint="sige_scatter_moments",
+                      primfunc_attrs={"sige.op": "SigeScatterMoments"})
+
+
 def _static(dims, what):
     out = []
     for d in dims:
@@ -188,6 +206,7 @@ SIGE_CONVERTERS: dict[str, Callable] = {
     "SigeScatterGather": _convert_scatter_gather,
     "SigeScatterWithBlockResidual": _convert_scatter_block_residual,
     "SigeTileMoments": _convert_tile_moments,
+    "SigeScatterMoments": _convert_scatter_moments,
 }
 
 
@@ -469,7 +488,8 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
         if node.domain != SIGE_DOMAIN:
             continue
         pos = {"SigeGather": [1], "SigeSparseConv2d": [1], "SigeScatter": [2], "SigeScatterGather": [3],
-               "SigeScatterWithBlockResidual": [2, 5], "SigeTileMoments": [2]}.get(node.op_type, [])
+               "SigeScatterWithBlockResidual": [2, 5], "SigeTileMoments": [2],
+               "SigeScatterMoments": [2]}.get(node.op_type, [])
         for p in pos:
             if p < len(node.input):
                 idx_inputs.setdefault(node.input[p], f"N_{len(idx_inputs)}")

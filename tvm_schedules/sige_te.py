@@ -10,7 +10,8 @@ the contract with the rules:
 * ``sige_bias``    -- bias epilogue of ``sige_conv``
 * ``sige_scatter_copy`` / ``sige_scatter`` / ``sige_shortcut`` -- scatter ops
 * ``sige_scatter_gather`` -- fused scatter+gather
-* ``sige_tile_moments`` -- ``[2, B, G, 1]`` group sums over tiles (reduction over ``rn, rc, ri, rj``)
+* ``sige_tile_moments`` / ``sige_scatter_moments`` -- ``[2, B, G, 1]`` group sums over tiles / scattered
+  blocks (reduction over ``rn, rc, ri, rj``)
 
 The block count ``N`` is symbolic (an int64 ``tir.Var``): one compiled kernel serves every
 mask; inner loop nests stay static (per block ``C x bh x bw``), only the outer block loop is
@@ -283,6 +284,41 @@ def tile_moments_te(x, original, indices: te.Tensor, mean: te.Tensor, *, block: 
         return v
 
     return te.compute((2, B, int(groups), 1), stack, name="sige_tile_moments")
+
+
+def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=None, shift=None, *,
+                       offset: Sequence[int], stride: Sequence[int], groups: int):
+    """SigeScatterMoments: the group sums of ``d = pre(block) - pre(base)`` and ``d * (pre(block) + pre(base) -
+    2 mean)`` over the scattered blocks' in-image elements (``pre(v) = v * scale + shift`` per channel)."""
+    B, C, Ho, Wo = base.shape
+    ph, pw = int(blocks.shape[2]), int(blocks.shape[3])
+    N = indices.shape[0]
+    per_group = int(C) // int(groups)
+    oh, ow = (int(v) for v in offset)
+    sh, sw = (int(v) for v in stride)
+    rn = te.reduce_axis((0, N), name="rn")
+    rc = te.reduce_axis((0, per_group), name="rc")
+    ri = te.reduce_axis((0, ph), name="ri")
+    rj = te.reduce_axis((0, pw), name="rj")
+
+    def term(s, b, g):
+        c = g * per_group + rc
+        r = tir.floordiv(_i64(indices[rn, 0]) + oh, sh) + ri
+        q = tir.floordiv(_i64(indices[rn, 1]) + ow, sw) + rj
+        inside = tir.all(r >= 0, r < Ho, q >= 0, q < Wo)
+        at = (b, c, tir.const(0, "int64"), tir.const(0, "int64"))
+        new, old = blocks[b * N + rn, c, ri, rj], base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)]
+        if scale is not None:
+            new, old = new * _bcast(scale, at), old * _bcast(scale, at)
+        if shift is not None:
+            new, old = new + _bcast(shift, at), old + _bcast(shift, at)
+        d = new - old
+        m = mean[b, g, 0]
+        v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
+        return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
+
+    return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=[rn, rc, ri, rj]),
+                      name="sige_scatter_moments")
 
 
 def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):

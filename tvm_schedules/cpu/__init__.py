@@ -1,6 +1,6 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
-Rules (``default_rules`` tries SigeGatherScatter, TileMoments, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic;
+Rules (``default_rules`` tries SigeGatherScatter, GroupMoments, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic;
 the first match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
@@ -14,8 +14,8 @@ the first match wins, like ``s_tir.dlight``):
   static vectorisable ``j``: register-blocked ``4 x V``.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
-* ``TileMoments`` -- ``SigeTileMoments`` (group-norm statistics of an edit): one pass over the tiles per
-  (batch, group), vector partial sums.
+* ``GroupMoments`` -- ``SigeTileMoments`` / ``SigeScatterMoments`` (group-norm statistics of an edit): one
+  pass over the tiles (scattered blocks) per (batch, group), vector partial sums.
 * ``Generic``     -- anything else: inline injective producers, parallel over the fused outer spatial
   loops, vectorise a static innermost spatial loop.
 """
@@ -528,15 +528,16 @@ class SigeGatherScatter(ScheduleRule):
         return sch
 
 
-class TileMoments(ScheduleRule):
-    """SigeTileMoments: one (batch, group) per parallel task; both sums in one pass over its tiles, into
-    partial sums per tile column and sum (2 x bw accumulators: fully unrolled, LLVM keeps them in vector
-    registers)."""
+class GroupMoments(ScheduleRule):
+    """SigeTileMoments / SigeScatterMoments: one (batch, group) per parallel task; both sums in one pass over
+    its tiles (blocks), into partial sums per tile column and sum (2 x bw accumulators: fully unrolled, LLVM
+    keeps them in vector registers)."""
 
-    name = "cpu.tile_moments"
+    name = "cpu.group_moments"
+    OPS = ("SigeTileMoments", "SigeScatterMoments")
 
     def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or _func_op(func) != "SigeTileMoments":
+        if not isinstance(func, tirx.PrimFunc) or _func_op(func) not in self.OPS:
             return None
         sch = s_tir.Schedule(func)
         for b in _root_blocks(sch):  # one reduction, or one per concatenated part (then a stacking block)
@@ -656,8 +657,8 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 
 def default_rules():
-    return [SigeGatherScatter(), TileMoments(), DepthwiseConv2d(), Conv2dNCHW(), Matmul(), Generic()]
+    return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), Conv2dNCHW(), Matmul(), Generic()]
 
 
-__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "Matmul", "SigeGatherScatter", "TileMoments", "Generic", "default_rules",
+__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic", "default_rules",
            "vector_lanes"]
