@@ -324,7 +324,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/sige-bench-zoo"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-host")
-    ap.add_argument("--rebuild", action="store_true", help="rebuild the SIGE programs and artifacts (after a compiler change)")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="rebuild the SIGE programs and artifacts (after a compiler change)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-prime", action="store_true")
     ap.add_argument("--memory", nargs="*", default=["ddpm-church256"], help="models whose memory is measured")

@@ -66,6 +66,7 @@ def _activation(v: Any) -> str | None:
 
 
 BLOCK = AttrSpec("block", "pair", None, _positive_pair)
+GROUPS = AttrSpec("groups", "int", None, _positive)
 PRE_ATTRS = (
     AttrSpec("activation", "string", "identity", _activation),
     AttrSpec("alpha", "float", 0.2),
@@ -239,6 +240,23 @@ def check_array(op_type: str, name: str, a: np.ndarray | None, rank: int | None 
         fail(op_type, f"input {name!r} must have rank {rank}, got rank {a.ndim} (shape {a.shape})")
     if dtype is not None and a.dtype != dtype:
         fail(op_type, f"input {name!r} must be {np.dtype(dtype).name}, got {a.dtype.name}")
+
+
+def check_float_arrays(op_type: str, *specs: tuple[str, np.ndarray | None, int]) -> None:
+    """Each ``(name, array, rank)``: present, of that rank, floating point."""
+    for name, a, rank in specs:
+        check_array(op_type, name, a, rank)
+        assert a is not None
+        check_float(op_type, name, a)
+
+
+def check_group_mean(op_type: str, name: str, x: np.ndarray, mean: np.ndarray, groups: int) -> None:
+    """``name`` [B, C, ...] splits into ``groups`` channel groups and ``mean`` is their [B, groups, 1]."""
+    b, c = x.shape[:2]
+    if c % groups:
+        fail(op_type, f"{name} has {c} channels, not a multiple of groups={groups}")
+    if mean.shape != (b, groups, 1):
+        fail(op_type, f"mean must have shape [B, groups, 1] = {[b, groups, 1]}, got {list(mean.shape)}")
 
 
 def check_float(op_type: str, name: str, a: np.ndarray) -> None:

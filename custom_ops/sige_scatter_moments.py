@@ -12,33 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (SigeOpRun, AttrSpec, Body, OpDef, Shape, body_scatter_positions, check_array,
-                      check_blocks_vs_base, check_float, check_indices, check_scatter_range, fail, need_rank,
-                      np_scatter_blocks, register, scatter_attrs)
-from ._common import _positive
+from ._common import (GROUPS, SigeOpRun, Body, OpDef, Shape, body_scatter_positions, check_blocks_vs_base,
+                      check_float, check_float_arrays, check_group_mean, check_indices, check_scatter_range, fail,
+                      need_rank, np_scatter_blocks, register, scatter_attrs)
 
 OP_TYPE = "SigeScatterMoments"
 INPUTS = ("blocks", "base", "indices", "mean", "scale", "shift")
-GROUPS = AttrSpec("groups", "int", None, _positive)
 
 
 def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
     blocks, base, indices, mean, scale, shift = arrays
     check_indices(OP_TYPE, indices)
-    check_array(OP_TYPE, "blocks", blocks, 4)
-    check_array(OP_TYPE, "base", base, 4)
-    check_array(OP_TYPE, "mean", mean, 3)
+    check_float_arrays(OP_TYPE, ("blocks", blocks, 4), ("base", base, 4), ("mean", mean, 3))
     assert blocks is not None and base is not None and indices is not None and mean is not None
-    for name, a in (("blocks", blocks), ("base", base), ("mean", mean)):
-        check_float(OP_TYPE, name, a)
     check_blocks_vs_base(OP_TYPE, blocks, base, indices.shape[0])
     check_scatter_range(OP_TYPE, indices, attrs["offset"], attrs["stride"], base.shape[2:], blocks.shape[2:])
+    check_group_mean(OP_TYPE, "base", base, mean, attrs["groups"])
     b, c = base.shape[:2]
-    g = attrs["groups"]
-    if c % g:
-        fail(OP_TYPE, f"base has {c} channels, not a multiple of groups={g}")
-    if mean.shape != (b, g, 1):
-        fail(OP_TYPE, f"mean must have shape [B, groups, 1] = {[b, g, 1]}, got {list(mean.shape)}")
     for name, p in (("scale", scale), ("shift", shift)):
         if p is None:
             continue

@@ -12,32 +12,21 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (SigeOpRun, BLOCK, AttrSpec, Body, OpDef, Shape, body_finish_gather, body_flatten_hw,
-                      body_gather_positions, check_array, check_float, check_gather_range, check_indices, fail,
-                      need_rank, np_gather_blocks, register)
-from ._common import _positive
+from ._common import (BLOCK, GROUPS, SigeOpRun, Body, OpDef, Shape, body_finish_gather, body_flatten_hw,
+                      body_gather_positions, check_float_arrays, check_gather_range, check_group_mean,
+                      check_indices, fail, need_rank, np_gather_blocks, register)
 
 OP_TYPE = "SigeTileMoments"
 INPUTS = ("x", "original", "indices", "mean")
-GROUPS = AttrSpec("groups", "int", None, _positive)
 
 
 def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
     x, original, indices, mean = arrays
-    check_array(OP_TYPE, "x", x, 4)
-    check_array(OP_TYPE, "original", original, 4)
-    check_array(OP_TYPE, "mean", mean, 3)
+    check_float_arrays(OP_TYPE, ("x", x, 4), ("original", original, 4), ("mean", mean, 3))
     assert x is not None and original is not None and indices is not None and mean is not None
-    for name, a in (("x", x), ("original", original), ("mean", mean)):
-        check_float(OP_TYPE, name, a)
     if original.shape != x.shape:
         fail(OP_TYPE, f"original shape {list(original.shape)} != x shape {list(x.shape)}")
-    b, c = x.shape[:2]
-    g = attrs["groups"]
-    if c % g:
-        fail(OP_TYPE, f"x has {c} channels, not a multiple of groups={g}")
-    if mean.shape != (b, g, 1):
-        fail(OP_TYPE, f"mean must have shape [B, groups, 1] = {[b, g, 1]}, got {list(mean.shape)}")
+    check_group_mean(OP_TYPE, "x", x, mean, attrs["groups"])
     check_indices(OP_TYPE, indices)
     check_gather_range(OP_TYPE, indices, x.shape[2:], attrs["block"])
 

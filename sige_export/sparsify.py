@@ -977,8 +977,8 @@ class _Sparsifier(TokenRules):
                 return e.node("Unsqueeze", [summed, axes2], EDIT_PREFIX + hint_)
 
             dmean = e.node("Mul", [group_sum(d, "delta_sum"), inv_n], EDIT_PREFIX + "dmean")
-            dvar = e.node("Mul", [group_sum(e.node("Mul", [d2, centered], EDIT_PREFIX + "d_centered"), "delta_m2"), inv_n],
-                          EDIT_PREFIX + "dvar")
+            d_centered = e.node("Mul", [d2, centered], EDIT_PREFIX + "d_centered")
+            dvar = e.node("Mul", [group_sum(d_centered, "delta_m2"), inv_n], EDIT_PREFIX + "dvar")
         new_mean = e.node("Add", [mean, dmean], EDIT_PREFIX + "mean")
         new_var = e.node("Sub", [e.node("Add", [var, dvar], EDIT_PREFIX + "var_plus"),
                                  e.node("Mul", [dmean, dmean], EDIT_PREFIX + "dmean_sq")], EDIT_PREFIX + "var")

@@ -307,7 +307,8 @@ def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=
         q = tir.floordiv(_i64(indices[rn, 1]) + ow, sw) + rj
         inside = tir.all(r >= 0, r < Ho, q >= 0, q < Wo)
         at = (b, c, tir.const(0, "int64"), tir.const(0, "int64"))
-        new, old = blocks[b * N + rn, c, ri, rj], base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)]
+        new = blocks[b * N + rn, c, ri, rj]
+        old = base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)]
         if scale is not None:
             new, old = new * _bcast(scale, at), old * _bcast(scale, at)
         if shift is not None:
