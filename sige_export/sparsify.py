@@ -950,9 +950,9 @@ class _Sparsifier(TokenRules):
                           block=[tile, tile], groups=groups)
         if sums is not None:
             def moment(i: int, hint_: str) -> str:
-                which = e.const(EDIT_PREFIX + "which", np.array(i, np.int64))
-                return e.node("Mul", [e.node("Gather", [sums, which], EDIT_PREFIX + hint_, axis=0), inv_n],
-                              EDIT_PREFIX + hint_)
+                at = [e.const(EDIT_PREFIX + "at", np.array([v], np.int64)) for v in (i, i + 1, 0)]
+                row = e.node("Squeeze", [e.node("Slice", [sums, *at], EDIT_PREFIX + hint_), at[2]], EDIT_PREFIX + hint_)
+                return e.node("Mul", [row, inv_n], EDIT_PREFIX + hint_)
 
             dmean, dvar = moment(0, "dmean"), moment(1, "dvar")
         else:  # an activation (or an expression) pending on x: its gathered tiles, then the sums
