@@ -1004,7 +1004,7 @@ class _Sparsifier(TokenRules):
         return self.b.sige("SigeGather", [self.cache(x), idx], EDIT_PREFIX + "gather_orig", block=block)
 
     def _original(self, x: str, rep: Rep) -> str:
-        """The primed value of ``x`` under ``rep``'s pre-ops, as one full tensor (caches the edit holds)."""
+        """The primed value of plain ``x`` as one full tensor (from caches the edit already holds)."""
         if rep.parts is not None:
             return self.b.node("Concat", [self.cache(t) for t, _ in rep.parts], EDIT_PREFIX + "original", axis=1)
         if rep.pending is not None and rep.full is None:

@@ -72,6 +72,27 @@ def test_cuda_cubin_arch(tmp_path, target, arch):
     assert cubins and cubin_arch(cubins[0].read_bytes()) == arch
 
 
+def test_cuda_compiles_the_moment_ops():
+    """The statistics ops (concat parts read in place, per-channel shift) get the cuda.sige schedule and cubin."""
+    spec = get("rtx3090")
+    missing = spec.missing_toolchain()
+    if missing:
+        pytest.skip(f"rtx3090: {missing} not installed (pip install 'sige-export[cuda]')")
+    g = 4
+    nodes = [helper.make_node("Concat", ["a", "b"], ["new"], axis=1),
+             helper.make_node("Concat", ["oa", "ob"], ["old"], axis=1),
+             custom_ops.make_node("SigeTileMoments", ["new", "old", "tiles", "mean"], ["t"], block=[4, 4], groups=g),
+             custom_ops.make_node("SigeScatterMoments", ["blocks", "base", "idx", "mean", "", "shift"], ["s"], groups=g)]
+    parts = {k: (1, C // 2, H, W) for k in ("a", "b", "oa", "ob")}
+    inputs = [vi(k, list(v)) for k, v in parts.items()] + [
+        vi("tiles", ["T", 2], TensorProto.INT32), vi("mean", [1, g, 1]), vi("blocks", ["BN", C, 4, 4]),
+        vi("base", [1, C, H, W]), vi("idx", ["N", 2], TensorProto.INT32), vi("shift", [1, C, 1, 1])]
+    lib = compile_program(make_model(nodes, inputs, [vi("t", None), vi("s", None)]), "rtx3090",
+                          {**parts, "blocks": ("BN", C, 4, 4)})
+    assert {r for _, r, _ in lib.schedule_log} == {"cuda.sige"}, lib.schedule_log
+    assert all(cubin_arch(b) == "sm_86" for b in lib.device_binaries("cubin"))
+
+
 def _has_gpu():
     try:
         import tvm
