@@ -944,10 +944,7 @@ class _Sparsifier(TokenRules):
                           EDIT_PREFIX + "moments", offset=list(p.grid.config.offset),
                           stride=list(p.grid.config.stride), groups=groups)
         elif rep.plain and rep.expr is None and rep.rows is None and not self._fusable(rep):
-            tiles, tile = self._tiles((h, w))
-            old = self._original(x, rep)  # before _full_base forgets a pending scatter's base
-            sums = e.sige("SigeTileMoments", [self._full_base(x, rep), old, tiles, mean], EDIT_PREFIX + "moments",
-                          block=[tile, tile], groups=groups)
+            sums = self._tile_moments(x, rep, mean, groups)
         if sums is not None:
             def moment(i: int, hint_: str) -> str:
                 at = [e.const(EDIT_PREFIX + "at", np.array([v], np.int64)) for v in (i, i + 1, 0)]
@@ -1002,6 +999,26 @@ class _Sparsifier(TokenRules):
             return self.b.sige("SigeGather", [rep.pending.base, idx, rep.scale or "", rep.shift or ""],
                                EDIT_PREFIX + "gather_orig", block=block, **self._pre_attrs(rep))
         return self.b.sige("SigeGather", [self.cache(x), idx], EDIT_PREFIX + "gather_orig", block=block)
+
+    def _tile_moments(self, x: str, rep: Rep, mean: str, groups: int) -> str:
+        """SigeTileMoments of plain ``x`` against its primed value over the changed tiles: [2, B, G, 1]. A concat
+        whose parts hold whole groups gets one op per part, so neither tensor is concatenated."""
+        b, c, h, w = self._nchw(x)
+        e = self.b
+        tiles, tile = self._tiles((h, w))
+        per_group = c // groups
+        if rep.parts is not None and all(n % per_group == 0 for _, n in rep.parts):
+            sums, g0 = [], 0
+            for t, n in rep.parts:
+                bounds = [e.const(EDIT_PREFIX + "at", np.array([v], np.int64)) for v in (g0, g0 + n // per_group, 1)]
+                part_mean = e.node("Slice", [mean, *bounds], EDIT_PREFIX + "part_mean")
+                sums.append(e.sige("SigeTileMoments", [self.full(t), self.cache(t), tiles, part_mean],
+                                   EDIT_PREFIX + "moments", block=[tile, tile], groups=n // per_group))
+                g0 += n // per_group
+            return e.node("Concat", sums, EDIT_PREFIX + "moments", axis=2)
+        old = self._original(x, rep)  # before _full_base forgets a pending scatter's base
+        return e.sige("SigeTileMoments", [self._full_base(x, rep), old, tiles, mean], EDIT_PREFIX + "moments",
+                      block=[tile, tile], groups=groups)
 
     def _original(self, x: str, rep: Rep) -> str:
         """The primed value of plain ``x`` as one full tensor (from caches the edit already holds)."""

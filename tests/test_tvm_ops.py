@@ -265,7 +265,7 @@ def test_gather_of_channel_concat_reads_parts():
         assert_close(z, custom_ops.reference("SigeGather", cat, idx, block=[6, 6]), what=f"concat gather N={n}")
 
 
-@pytest.mark.parametrize("split", [3, 4])  # parts of 3 + 5 channels split a group; 4 + 4 hold whole groups
+@pytest.mark.parametrize("split", [3, 4])  # parts of 3 + 5 channels split a group, 4 + 4 do not
 def test_tile_moments_reads_concatenated_parts(split):
     """SigeTileMoments over channel concats (never materialised) and tiles past the border (zero there);
     one module for every N; scheduled by the cpu.group_moments rule."""

@@ -231,59 +231,44 @@ def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1))
     return y
 
 
+def _moments_compute(B, groups: int, extents: Sequence, values, name: str) -> te.Tensor:
+    """``[2, B, groups, 1]``: over reduce axes of ``extents`` (blocks, channels of a group, rows, columns), the
+    sums of ``d = new - old`` and ``d * (new + old - 2 m)``; ``values(b, g, rn, rc, ri, rj)`` gives
+    ``(new, old, inside, m)`` (elements outside the image count 0)."""
+    axes = [te.reduce_axis((0, e), name=n) for n, e in zip(("rn", "rc", "ri", "rj"), extents)]
+
+    def term(s, b, g):
+        new, old, inside, m = values(b, g, *axes)
+        d = new - old
+        v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
+        return tir.if_then_else(inside, v, tir.const(0.0, "float32"))
+
+    return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=axes), name=name)
+
+
 def tile_moments_te(x, original, indices: te.Tensor, mean: te.Tensor, *, block: Sequence[int], groups: int):
     """SigeTileMoments: ``y[0, b, g, 0] = sum(x - original)``, ``y[1, b, g, 0] = sum((x - original) *
     (x + original - 2 mean[b, g, 0]))`` over the tiles, the group's channels and the tile pixels (0 outside
-    the image). ``x`` / ``original`` may be lists of tensors: their channel concatenation, read in place.
-    When the parts hold whole groups, each part is reduced on its own (``sige_tile_moments_part<k>``, no
-    per-element part select) and ``sige_tile_moments`` stacks the parts' groups."""
+    the image). ``x`` / ``original`` may be lists of tensors: their channel concatenation, read in place."""
     xs = list(x) if isinstance(x, (list, tuple)) else [x]
     os_ = list(original) if isinstance(original, (list, tuple)) else [original]
     B, _, H, W = xs[0].shape
-    C = sum(int(t.shape[1]) for t in xs)
-    per_group = C // int(groups)
-    bh, bw = int(block[0]), int(block[1])
+    per_group = sum(int(t.shape[1]) for t in xs) // int(groups)
 
-    def reduction(px: list, po: list, g0: int, n_groups: int, name: str) -> te.Tensor:
-        rn = te.reduce_axis((0, indices.shape[0]), name="rn")
-        rc = te.reduce_axis((0, per_group), name="rc")
-        ri = te.reduce_axis((0, bh), name="ri")
-        rj = te.reduce_axis((0, bw), name="rj")
+    def load(parts, b, c, h, w):
+        return parts[0][b, c, h, w] if len(parts) == 1 else concat_load(parts, b, c, h, w)
 
-        def load(parts, b, c, h, w):
-            return parts[0][b, c, h, w] if len(parts) == 1 else concat_load(parts, b, c, h, w)
+    def values(b, g, rn, rc, ri, rj):
+        h = _i64(indices[rn, 0]) + ri
+        w = _i64(indices[rn, 1]) + rj
+        hc = tir.max(tir.min(h, H - 1), 0)
+        wc = tir.max(tir.min(w, W - 1), 0)
+        c = g * per_group + rc
+        return (load(xs, b, c, hc, wc), load(os_, b, c, hc, wc), tir.all(h >= 0, h < H, w >= 0, w < W),
+                mean[b, g, 0])
 
-        def term(s, b, g):
-            h = _i64(indices[rn, 0]) + ri
-            w = _i64(indices[rn, 1]) + rj
-            inside = tir.all(h >= 0, h < H, w >= 0, w < W)
-            hc = tir.max(tir.min(h, H - 1), 0)
-            wc = tir.max(tir.min(w, W - 1), 0)
-            c = g * per_group + rc
-            new, old = load(px, b, c, hc, wc), load(po, b, c, hc, wc)
-            d = new - old
-            m = mean[b, g + g0, 0]
-            v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
-            return tir.if_then_else(inside, v, tir.const(0.0, xs[0].dtype))
-
-        return te.compute((2, B, n_groups, 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=[rn, rc, ri, rj]),
-                          name=name)
-
-    sizes = [int(t.shape[1]) for t in xs]
-    if len(xs) == 1 or sizes != [int(t.shape[1]) for t in os_] or any(n % per_group for n in sizes):
-        return reduction(xs, os_, 0, int(groups), "sige_tile_moments")
-    parts, g0 = [], 0
-    for k, (px, po) in enumerate(zip(xs, os_)):
-        parts.append((g0, reduction([px], [po], g0, int(px.shape[1]) // per_group, f"sige_tile_moments_part{k}")))
-        g0 += int(px.shape[1]) // per_group
-
-    def stack(s, b, g, u):
-        v = parts[0][1][s, b, g, u]
-        for start, y in parts[1:]:
-            v = tir.if_then_else(g >= start, y[s, b, tir.max(g - start, 0), u], v)
-        return v
-
-    return te.compute((2, B, int(groups), 1), stack, name="sige_tile_moments")
+    return _moments_compute(B, groups, (indices.shape[0], per_group, int(block[0]), int(block[1])), values,
+                            "sige_tile_moments")
 
 
 def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=None, shift=None, *,
@@ -291,21 +276,15 @@ def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=
     """SigeScatterMoments: the group sums of ``d = pre(block) - pre(base)`` and ``d * (pre(block) + pre(base) -
     2 mean)`` over the scattered blocks' in-image elements (``pre(v) = v * scale + shift`` per channel)."""
     B, C, Ho, Wo = base.shape
-    ph, pw = int(blocks.shape[2]), int(blocks.shape[3])
     N = indices.shape[0]
     per_group = int(C) // int(groups)
     oh, ow = (int(v) for v in offset)
     sh, sw = (int(v) for v in stride)
-    rn = te.reduce_axis((0, N), name="rn")
-    rc = te.reduce_axis((0, per_group), name="rc")
-    ri = te.reduce_axis((0, ph), name="ri")
-    rj = te.reduce_axis((0, pw), name="rj")
 
-    def term(s, b, g):
+    def values(b, g, rn, rc, ri, rj):
         c = g * per_group + rc
         r = tir.floordiv(_i64(indices[rn, 0]) + oh, sh) + ri
         q = tir.floordiv(_i64(indices[rn, 1]) + ow, sw) + rj
-        inside = tir.all(r >= 0, r < Ho, q >= 0, q < Wo)
         at = (b, c, tir.const(0, "int64"), tir.const(0, "int64"))
         new = blocks[b * N + rn, c, ri, rj]
         old = base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)]
@@ -313,13 +292,10 @@ def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=
             new, old = new * _bcast(scale, at), old * _bcast(scale, at)
         if shift is not None:
             new, old = new + _bcast(shift, at), old + _bcast(shift, at)
-        d = new - old
-        m = mean[b, g, 0]
-        v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
-        return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
+        return new, old, tir.all(r >= 0, r < Ho, q >= 0, q < Wo), mean[b, g, 0]
 
-    return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=[rn, rc, ri, rj]),
-                      name="sige_scatter_moments")
+    return _moments_compute(B, groups, (N, per_group, int(blocks.shape[2]), int(blocks.shape[3])), values,
+                            "sige_scatter_moments")
 
 
 def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):

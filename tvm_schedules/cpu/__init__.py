@@ -548,19 +548,17 @@ class GroupMoments(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or _func_op(func) not in self.OPS:
             return None
         sch = s_tir.Schedule(func)
-        for b in _root_blocks(sch):  # one reduction, or one per concatenated part (then a stacking block)
-            if _is_spatial(sch, b):
-                continue
-            rf = sch.rfactor(sch.get_loops(b)[-1], 4)  # [2, B, G, 1, bw] partial sums
-            s, bb, g, u, rn, rc, ri, rj = sch.get_loops(rf)
-            sch.reorder(bb, g, u, rn, rc, ri, s, rj)
-            task = sch.fuse(bb, g, u)
-            sch.parallel(task)
-            sch.reverse_compute_at(b, task)
-            sch.set_scope(rf, 0, "local")
-            sch.decompose_reduction(rf, rn)
-            sch.unroll(s)
-            sch.unroll(rj)
+        block = next(b for b in _root_blocks(sch) if not _is_spatial(sch, b))
+        rf = sch.rfactor(sch.get_loops(block)[-1], 4)  # [2, B, G, 1, bw] partial sums
+        s, bb, g, u, rn, rc, ri, rj = sch.get_loops(rf)
+        sch.reorder(bb, g, u, rn, rc, ri, s, rj)
+        task = sch.fuse(bb, g, u)
+        sch.parallel(task)
+        sch.reverse_compute_at(block, task)
+        sch.set_scope(rf, 0, "local")
+        sch.decompose_reduction(rf, rn)
+        sch.unroll(s)
+        sch.unroll(rj)
         return sch
 
 
