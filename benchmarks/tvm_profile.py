@@ -37,7 +37,8 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
             so.write_bytes(tf.extractfile(entry["library"]).read())
             ex = tvm.runtime.load_module(str(so))
             vm = relax.VirtualMachine(ex, tvm.cpu())
-            args = [tvm.runtime.tensor(_aligned(np.asarray(fd[i["name"]], dtype=i["dtype"])), tvm.cpu())
+            # a working copy (edit pass) starts as a copy of its cache; tvm.runtime.tensor copies
+            args = [tvm.runtime.tensor(_aligned(np.asarray(fd[i.get("cache", i["name"])], dtype=i["dtype"])), tvm.cpu())
                     for i in entry["inputs"]] + [tvm.runtime.tensor(_aligned(weights[p].copy()), tvm.cpu())
                                                  for p in entry["params"]]
             for _ in range(2):  # the pooled allocator is warm after two calls: no first-touch page faults timed

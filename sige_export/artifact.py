@@ -51,6 +51,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 ALIGN = 64
+# Working copies are put back region by region (scattered rows) until the regions written hold this fraction
+# of the maps' bytes; above it one memcpy per map costs less.
+RESTORE_FULL_FRACTION = 0.25
 # float initializers with at least this many elements become shared weight inputs; smaller ones stay
 # compile-time constants of each pass (they may be folded)
 PARAM_MIN_ELEMENTS = 64
@@ -191,6 +194,11 @@ def build_artifact(program, target: str, output: str | os.PathLike,
         passes: dict[str, dict] = {}
         schedule_summary: dict[str, dict] = {}
         for pname, model in models.items():
+            working: dict[str, str] = {}
+            if pname == "edit":  # scatters write into working copies of the caches (no full-map copies)
+                from .tvm_schedules.importer import with_working_copies
+
+                model, working = with_working_copies(model)
             lifted, params = _lift_params(model, set(weights))
             pk = {n: v for n, v in packed.items() if n in params}
             if pk:
@@ -198,7 +206,7 @@ def build_artifact(program, target: str, output: str | os.PathLike,
 
                 lifted = with_packed_inputs(lifted, {n: _packed_shape(weights[n].dims, v) for n, v in pk.items()})
             t0 = time.time()
-            lib = compile_program(lifted, spec, packed_weights=set(pk))
+            lib = compile_program(lifted, spec, packed_weights=set(pk), working_copies=working)
             dt = time.time() - t0
             unscheduled = [n for n, r, s in lib.schedule_log if s == "unscheduled"]
             rules: dict[str, int] = {}
@@ -209,8 +217,13 @@ def build_artifact(program, target: str, output: str | os.PathLike,
             log(f"{pname}: compiled for {spec.name} in {dt:.1f}s ({len(model.graph.node)} nodes; rules "
                 f"{', '.join(f'{k} x{v}' for k, v in sorted(rules.items()))}"
                 + (f"; UNSCHEDULED {unscheduled}" if unscheduled else "") + ")")
-            entry: dict[str, Any] = {"inputs": _pass_inputs(lifted, params, kinds), "params": params,
-                                     "outputs": list(man[pname]["outputs"])}
+            entry: dict[str, Any] = {"inputs": _pass_inputs(lifted, params, {**kinds, **dict.fromkeys(working, "working_copy")}),
+                                     "params": params, "outputs": list(man[pname]["outputs"])}
+            if working:
+                for spec_ in entry["inputs"]:
+                    if spec_["name"] in working:
+                        spec_["cache"] = working[spec_["name"]]
+                entry["restore"] = lib.restore
             if spec.family == "arm":
                 objtar = tmp / f"{pname}.objects.tar"
                 lib.export_library(objtar)
@@ -526,6 +539,10 @@ class _Pass:
         # until the cyclic garbage collector happens to run
         self.runner = weakref.proxy(runner)
         self._vm = vm
+        # working copies (edit pass): {input: cache it mirrors}; ``restore`` puts them back after a call
+        self.working = {i["name"]: i["cache"] for i in entry["inputs"] if i.get("kind") == "working_copy"}
+        self.restore_plan = entry.get("restore") or {}
+        self.vm_restore = {k: vm[k] for k in ("restore", "restore_full")} if self.working else {}
 
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         missing = [n for n in self.inputs if n not in feeds]
@@ -544,8 +561,17 @@ class _Pass:
         want = set(outputs) if outputs is not None else None
         for name, o in zip(self.outputs, out):
             if want is None or name in want:
-                res[name] = self.runner._to_numpy(o, arrays)
+                res[name] = self.runner._to_numpy(o, arrays)  # copied when it is (a view of) an input
         return res
+
+    def restore(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Copy the caches back over what the last call wrote into its working copies (in place): the written
+        regions, or whole maps when the regions hold more than ``RESTORE_FULL_FRACTION`` of their bytes."""
+        plan = self.restore_plan
+        written = sum(len(feeds[r["indices"]]) * r["block_bytes"] for r in plan["regions"])
+        full = written > RESTORE_FULL_FRACTION * plan["bytes"]
+        names = plan["full_inputs" if full else "inputs"]
+        self.runner._call(self.vm_restore["restore_full" if full else "restore"], [feeds[n] for n in names], [])
 
 
 def physical_cores() -> int:
@@ -609,6 +635,7 @@ class TvmArtifactBackend:
             self.device = tvm_ffi.device("cpu", 0)
             self._weights = {k: tvm_ffi.from_dlpack(v) for k, v in self._weights_np.items()}
         self._passes: dict[str, _Pass] = {}
+        self._work: dict[str, tuple] = {}  # working copy input -> (weakref to its cache array, the copy)
         self._modules = []
         with tempfile.TemporaryDirectory(prefix="sige-artifact-") as tmpd:
             for pname in ("prime", "edit"):
@@ -662,7 +689,33 @@ class TvmArtifactBackend:
         return self._passes["prime"](feeds)
 
     def edit(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._passes["edit"](feeds)
+        p = self._passes["edit"]
+        if not p.working:
+            return p(feeds)
+        if self.device_kind == "cuda":  # every input is copied to the device per call: the copies are scratch
+            return p({**feeds, **{w: feeds[c] for w, c in p.working.items()}})
+        full = {**feeds, **self._working_copies(p, feeds)}
+        try:
+            out = p(full)
+            p.restore(full)
+        except BaseException:
+            self._work.clear()  # state unknown: the next edit copies the caches afresh
+            raise
+        return out
+
+    def _working_copies(self, p: _Pass, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One working copy per cache the edit scatters into, equal to it: kept between edits of the same
+        caches (each edit restores what it wrote), copied afresh when the caches change (another key)."""
+        out = {}
+        for w, c in p.working.items():
+            cache = feeds[c]
+            held = self._work.get(w)
+            if held is None or held[0]() is not cache:
+                copy = _aligned_empty(cache.nbytes, cache.dtype, cache.shape)
+                np.copyto(copy, cache)
+                held = self._work[w] = (weakref.ref(cache), copy)
+            out[w] = held[1]
+        return out
 
     def dense(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The prime executable, keeping only the model outputs."""

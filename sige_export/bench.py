@@ -696,9 +696,11 @@ class RemoteRunner:
     def _args(self, p: dict, feeds: Mapping[str, np.ndarray]) -> list:
         args = []
         for spec in p["inputs"]:
-            if spec["name"] not in feeds:
-                raise BenchError(f"missing input {spec['name']!r} for the remote pass")
-            a = np.ascontiguousarray(feeds[spec["name"]], dtype=np.dtype(spec["dtype"]))
+            # a working copy starts equal to its cache; each upload is a fresh one (edits write into it)
+            name = spec["cache"] if spec.get("kind") == "working_copy" else spec["name"]
+            if name not in feeds:
+                raise BenchError(f"missing input {name!r} for the remote pass")
+            a = np.ascontiguousarray(feeds[name], dtype=np.dtype(spec["dtype"]))
             args.append(self.tvm.runtime.tensor(a, self.dev))
         return args + p["params"]
 

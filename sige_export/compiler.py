@@ -85,6 +85,7 @@ class CompiledLibrary:
     output_names: list[str]
     schedule_log: list = field(default_factory=list)
     ir_module: Any = None
+    restore: dict = field(default_factory=dict)  # working copies: inputs of ``restore`` / ``restore_full``, regions
     _vm: Any = None
 
     # -- running (in-process) ---------------------------------------------------------------------
@@ -293,13 +294,15 @@ def safe_input_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shapes: Mapping[str, Sequence] | None = None,
-                    *, schedule: bool = True, packed_weights=()) -> CompiledLibrary:
+                    *, schedule: bool = True, packed_weights=(), working_copies: Mapping[str, str] = {}) -> CompiledLibrary:
     """Import, schedule and build ``model`` for ``target``.
 
     ``input_shapes`` maps input names to shapes (ints, or strings for named symbolic dims);
     ``indices`` inputs of ai.sige ops not listed get a symbolic block count, so the library serves
     any mask without recompiling. ``packed_weights``: graph inputs that hold conv weights pre-packed
     ``[Cout/v, Cin, kh, kw, v]`` (declared with that shape; ``tvm_schedules.packing``).
+    ``working_copies``: the map of ``tvm_schedules.importer.with_working_copies`` for a model it rewrote;
+    the library then also has ``restore`` and ``restore_full`` (described by ``CompiledLibrary.restore``).
     """
     import tvm
 
@@ -312,14 +315,24 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
     model, renamed = safe_input_names(model)
     if input_shapes:
         input_shapes = {renamed.get(k, k): v for k, v in input_shapes.items()}
-    mod = from_sige_onnx(model, input_shapes, packed_weights={renamed.get(n, n) for n in packed_weights})
+    mod = from_sige_onnx(model, input_shapes, packed_weights={renamed.get(n, n) for n in packed_weights},
+                         working_copies={renamed.get(w, w): renamed.get(c, c) for w, c in working_copies.items()})
     log: list = []
     tgt = spec.tvm_target()
-    ex = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(spec, log, schedule))
     back = {v: k for k, v in renamed.items()}
+    restore: dict = {}
+    if "restore" in mod:  # working copies: how to put them back (sige_export.artifact)
+        import json
+
+        restore = json.loads(str(mod["restore"].attrs["sige.restore_regions"]))
+        for r in restore["regions"]:
+            r["indices"] = back.get(r["indices"], r["indices"])
+        restore["inputs"] = [back.get(p.name, p.name) for p in mod["restore"].params]
+        restore["full_inputs"] = [back.get(p.name, p.name) for p in mod["restore_full"].params]
+    ex = tvm.compile(mod, tgt, relax_pipeline=relax_pipeline(spec, log, schedule))
     ins, outs = graph_io(model)
     ins = [back.get(n, n) for n in ins]
-    return CompiledLibrary(ex, spec, ins, outs, log, mod)
+    return CompiledLibrary(ex, spec, ins, outs, log, mod, restore=restore)
 
 
 # -- runtime-only loading ----------------------------------------------------------------------------

@@ -78,14 +78,21 @@ def _small_program() -> SigeProgram:
 
 @pytest.fixture(scope="module")
 def zoo_artifacts(tmp_path_factory):
-    """name -> (program, artifact path), built lazily once per module."""
+    """name -> (program, artifact path), built lazily once per module. Every scatter into a cache writes into
+    a working copy (the size threshold that keeps small maps copying is lifted: tiny maps only here)."""
+    from sige_export.tvm_schedules import importer
+
     cache: dict[str, tuple[SigeProgram, Path]] = {}
     root = tmp_path_factory.mktemp("zoo_artifacts")
 
     def get_(name: str):
         if name not in cache:
             program = _zoo_program(name)
-            path = build_artifact(program, "host", root / f"{name}.host.sige")
+            saved, importer.WORKING_COPY_MIN_BYTES = importer.WORKING_COPY_MIN_BYTES, 0
+            try:
+                path = build_artifact(program, "host", root / f"{name}.host.sige")
+            finally:
+                importer.WORKING_COPY_MIN_BYTES = saved
             cache[name] = (program, path)
         return cache[name]
 
@@ -436,3 +443,76 @@ def test_backend_is_freed_without_the_cycle_collector(small):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch):
+    """Edits scatter into working copies of the caches and put them back after each pass (region by region
+    for small edits, whole maps for large ones): a sequence of edits of two keys, each restore path, a pass
+    that fails half way, all equal onnxruntime; the caches and earlier results are never written."""
+    import sige_export.artifact as art
+
+    program, path = zoo_artifacts("ddpm-church256")
+    manifest, backend = open_artifact(path)
+    edit = manifest["artifact"]["passes"]["edit"]
+    works = {i["name"]: i["cache"] for i in edit["inputs"] if i["kind"] == "working_copy"}
+    assert works and set(works.values()) <= {c["name"] for c in manifest["caches"]}
+    assert edit["restore"]["regions"] and edit["restore"]["bytes"] > 0
+    ref = Engine(program, OnnxRuntimeBackend(program))
+    got = Engine(program, backend)
+    res = tuple(manifest["mask"]["resolution"])
+    feeds = {k: _inputs(manifest, seed=k) for k in (0, 1)}
+    for key, f in feeds.items():
+        ref.prime(**f, key=key)
+        got.prime(**f, key=key)
+    primed = {key: {n: a.copy() for n, a in got._entries[key].caches.items()} for key in feeds}
+    masks = [synthetic_mask("blob", res, r, seed=s) for r, s in ((0.03, 1), (0.2, 2), (0.03, 3))]
+    earlier = []
+    for step, (key, mask, fraction) in enumerate([(0, masks[0], 1e9), (0, masks[1], 0.0), (1, masks[2], 1e9),
+                                                  (0, masks[2], 1e9), (1, masks[1], 0.0)]):
+        monkeypatch.setattr(art, "RESTORE_FULL_FRACTION", fraction)  # region restore / whole-map restore
+        edited = _edited(manifest, feeds[key], mask)
+        have = got.edit(**edited, mask=mask, key=key)
+        assert got.last_edit.mode == "sparse"
+        assert_close_relative(have, ref.edit(**edited, mask=mask, key=key), rel=REL, what=f"edit {step}")
+        earlier.append((have, have.copy()))
+    for have, snapshot in earlier:
+        np.testing.assert_array_equal(have, snapshot)  # results do not alias a working copy
+    for key in feeds:
+        for n, a in got._entries[key].caches.items():
+            np.testing.assert_array_equal(a, primed[key][n], err_msg=f"cache {n} of key {key} was written")
+
+    # a pass that fails after writing its working copies: they are dropped and rebuilt from the caches
+    def fail(self, feeds_):
+        raise RuntimeError("injected restore failure")
+
+    monkeypatch.setattr(art._Pass, "restore", fail)
+    edited = _edited(manifest, feeds[0], masks[1])
+    with pytest.raises(RuntimeError, match="injected"):
+        got.edit(**edited, mask=masks[1], key=0)
+    monkeypatch.undo()
+    assert not backend._work
+    edited = _edited(manifest, feeds[0], masks[0])
+    assert_close_relative(got.edit(**edited, mask=masks[0], key=0), ref.edit(**edited, mask=masks[0], key=0),
+                          rel=REL, what="edit after a failed pass")
+
+
+def test_small_maps_keep_the_copying_scatter():
+    """Scatters into caches under ``WORKING_COPY_MIN_BYTES`` (and bases shared by two scatters) keep the
+    copying form; larger ones get a working-copy input and the in-place attribute."""
+    from sige_export import custom_ops
+    from sige_export.tvm_schedules.importer import IN_PLACE_ATTR, with_working_copies
+
+    vi = helper.make_tensor_value_info
+    nodes = [custom_ops.make_node("SigeScatter", ["b1", "big", "i1"], ["y1"], offset=[0, 0], stride=[1, 1]),
+             custom_ops.make_node("SigeScatter", ["b2", "small", "i2"], ["y2"], offset=[0, 0], stride=[1, 1]),
+             custom_ops.make_node("SigeScatter", ["b3", "shared", "i3"], ["y3"], offset=[0, 0], stride=[1, 1]),
+             custom_ops.make_node("SigeScatter", ["b4", "shared", "i4"], ["y4"], offset=[0, 0], stride=[1, 1])]
+    ins = [vi(n, TensorProto.FLOAT, s) for n, s in (("big", [1, 16, 64, 64]), ("small", [1, 16, 8, 8]),
+                                                    ("shared", [1, 16, 64, 64]))]
+    g = helper.make_graph(nodes, "g", ins, [vi(y, TensorProto.FLOAT, None) for y in ("y1", "y2", "y3", "y4")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sige", 1)])
+    out, plan = with_working_copies(m, min_bytes=4 * 16 * 64 * 64)
+    assert plan == {"big#work": "big"}
+    assert [i.name for i in out.graph.input] == ["big", "small", "shared", "big#work"]
+    marked = [n.input[1] for n in out.graph.node if any(a.name == IN_PLACE_ATTR for a in n.attribute)]
+    assert marked == ["big#work"]

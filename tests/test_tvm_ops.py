@@ -12,6 +12,8 @@ from onnx import TensorProto, helper
 from sige_export import custom_ops
 from sige_export.compiler import compile_program
 from sige_export.mask import scatter_map
+from sige_export.targets import get as get_target
+from sige_export.tvm_schedules.cpu import vector_lanes
 from sige_export.tvm_schedules.importer import UnsupportedNodeError, from_sige_onnx
 from tests.helpers import assert_close
 from tests.sige_tvm_cases import grid_indices, init, make_model, ref_conv, vi
@@ -324,6 +326,23 @@ def test_dense_depthwise_conv(hw, strides):
         assert want_rule in rules, lib.schedule_log
     x = f32(2, c, *hw)
     assert_close(lib.run(x), _ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5, what=f"depthwise {hw} s{strides}")
+
+
+@pytest.mark.parametrize("shape,pads,strides", [((37, 32, 6, 6), 0, 1), ((5, 48, 6, 6), 0, 2), ((2, 32, 4, 4), 1, 1),
+                                                ((3, 32, 3, 5), 1, 1)])
+def test_depthwise_conv_over_blocks(shape, pads, strides):
+    """Depthwise convs over many small images (gathered blocks, tiny dense maps) take the channel-vector
+    rule and equal onnxruntime (bias + ReLU epilogue)."""
+    c = shape[1]
+    w, bias = f32(c, 1, 3, 3), f32(c)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=c, pads=[pads] * 4, strides=[strides] * 2),
+             helper.make_node("Relu", ["c"], ["y"])]
+    m = make_model(nodes, [vi("x", list(shape))], [vi("y", None)], [init("w", w), init("b", bias)])
+    lib = compile_program(m, "host", {"x": shape})
+    if c % vector_lanes(get_target("host").tvm_target()) == 0:
+        assert "cpu.depthwise_blocks" in {r for _, r, _ in lib.schedule_log}, lib.schedule_log
+    x = f32(*shape)
+    assert_close(lib.run(x), _ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5, what=f"depthwise blocks {shape}")
 
 
 def test_reduce_mean_imported_as_sum():

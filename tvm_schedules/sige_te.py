@@ -328,13 +328,32 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
 
 
 # -- scatter ops: TIR (data-dependent writes) ---------------------------------------------------
-def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, shortcut=None):
-    """PrimFunc of SigeScatter (``shortcut is None``) or SigeScatterWithBlockResidual.
+def copy_primfunc(B, C, Ho, Wo):
+    """``y = base``: the full-map copy that SigeScatter's output starts from (one ``memcpy`` per plane on CPU)
+    when the scatter does not write into a working copy."""
+    from tvm.script import tirx as T
 
-    ``shortcut`` = (sph, spw, shortcut_offset, shortcut_stride). Arguments in order:
-    blocks, base, indices[, residual] -> y  (SigeScatter)
-    blocks, base, indices, shortcut_blocks, shortcut_base, shortcut_indices -> y  (with block residual)
-    """
+    B, C, Ho, Wo = (int(v) for v in (B, C, Ho, Wo))
+
+    @T.prim_func(private=True, s_tir=True)
+    def copy(base: T.Buffer((B, C, Ho, Wo), "float32"), y: T.Buffer((B, C, Ho, Wo), "float32")):
+        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+        for b, c, h, w in T.grid(B, C, Ho, Wo):
+            with T.sblock("sige_scatter_copy"):
+                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
+    return copy
+
+
+def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, shortcut=None):
+    """SigeScatter (``shortcut is None``) / SigeScatterWithBlockResidual, in place on argument 1 (``y``, equal
+    to ``base`` on entry: ``R.call_tir_inplace``): only the blocks are written. ``y`` is a fresh copy of the
+    base (:func:`copy_primfunc`) or a working copy of a cached base that :func:`restore_primfunc` puts back
+    after the pass. Arguments: blocks, y, indices[, residual] (SigeScatter); blocks, y, indices,
+    shortcut_blocks, shortcut_base, shortcut_indices (with block residual).
+
+    One block row per iteration: a row inside the image is one vector store (the bounds are checked per
+    element only in rows that cross the border)."""
     from tvm.script import tirx as T
 
     B, C, Ho, Wo, ph, pw = (int(v) for v in (B, C, Ho, Wo, ph, pw))
@@ -343,48 +362,51 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
 
     if shortcut is None and not has_residual:
         @T.prim_func(private=True, s_tir=True)
-        def scatter(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
-                    y: T.Buffer((B, C, Ho, Wo), "float32")):
+        def scatter(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle):
             T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
             N = T.int64()
             blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
             idx = T.match_buffer(var_idx, (N, 2), "int32")
-            for b, c, h, w in T.grid(B, C, Ho, Wo):
-                with T.sblock("sige_scatter_copy"):
-                    vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
-                    y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-            for b, n, c, i, j in T.grid(B, N, C, ph, pw):
+            for b, n, c, i in T.grid(B, N, C, ph):
                 with T.sblock("sige_scatter"):
-                    vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
-                    T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2])
+                    vb, vn, vc, vi = T.axis.remap("SSSS", [b, n, c, i])
+                    T.reads(blocks[vb * N + vn, vc, vi, 0:pw], idx[vn, 0:2])
                     T.writes(y[vb, vc, 0:Ho, 0:Wo])
                     r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
-                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
-                    if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                        y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj]
+                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
+                    if r >= 0 and r < Ho:
+                        if q >= 0 and q + pw <= Wo:
+                            for j in T.vectorized(pw):
+                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j]
+                        else:
+                            for j in range(pw):
+                                if q + j >= 0 and q + j < Wo:
+                                    y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j]
         return scatter
 
     if shortcut is None:
         @T.prim_func(private=True, s_tir=True)
-        def scatter_res(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
-                        residual: T.Buffer((B, C, Ho, Wo), "float32"), y: T.Buffer((B, C, Ho, Wo), "float32")):
+        def scatter_res(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
+                        residual: T.Buffer((B, C, Ho, Wo), "float32")):
             T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
             N = T.int64()
             blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
             idx = T.match_buffer(var_idx, (N, 2), "int32")
-            for b, c, h, w in T.grid(B, C, Ho, Wo):
-                with T.sblock("sige_scatter_copy"):
-                    vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
-                    y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-            for b, n, c, i, j in T.grid(B, N, C, ph, pw):
+            for b, n, c, i in T.grid(B, N, C, ph):
                 with T.sblock("sige_scatter"):
-                    vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
-                    T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2], residual[vb, vc, 0:Ho, 0:Wo])
+                    vb, vn, vc, vi = T.axis.remap("SSSS", [b, n, c, i])
+                    T.reads(blocks[vb * N + vn, vc, vi, 0:pw], idx[vn, 0:2], residual[vb, vc, 0:Ho, 0:Wo])
                     T.writes(y[vb, vc, 0:Ho, 0:Wo])
                     r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
-                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
-                    if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                        y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj] + residual[vb, vc, r, q]
+                    q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
+                    if r >= 0 and r < Ho:
+                        if q >= 0 and q + pw <= Wo:
+                            for j in T.vectorized(pw):
+                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + residual[vb, vc, r, q + j]
+                        else:
+                            for j in range(pw):
+                                if q + j >= 0 and q + j < Wo:
+                                    y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + residual[vb, vc, r, q + j]
         return scatter_res
 
     sph, spw, soff, sstr = shortcut
@@ -393,9 +415,8 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
     ssh, ssw = (int(v) for v in sstr)
 
     @T.prim_func(private=True, s_tir=True)
-    def scatter_block_res(var_blocks: T.handle, base: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
-                          var_sblocks: T.handle, sbase: T.Buffer((B, C, Ho, Wo), "float32"), var_sidx: T.handle,
-                          y: T.Buffer((B, C, Ho, Wo), "float32")):
+    def scatter_block_res(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
+                          var_sblocks: T.handle, sbase: T.Buffer((B, C, Ho, Wo), "float32"), var_sidx: T.handle):
         T.func_attr({"tir.noalias": True, "sige.op": "SigeScatterWithBlockResidual"})
         N = T.int64()
         M = T.int64()
@@ -403,29 +424,72 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
         idx = T.match_buffer(var_idx, (N, 2), "int32")
         sblocks = T.match_buffer(var_sblocks, (B * M, C, sph, spw), "float32")
         sidx = T.match_buffer(var_sidx, (M, 2), "int32")
-        for b, c, h, w in T.grid(B, C, Ho, Wo):
-            with T.sblock("sige_scatter_copy"):
-                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
-                y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
-        for b, n, c, i, j in T.grid(B, N, C, ph, pw):
+        for b, n, c, i in T.grid(B, N, C, ph):
             with T.sblock("sige_scatter"):
-                vb, vn, vc, vi, vj = T.axis.remap("SSSSS", [b, n, c, i, j])
-                T.reads(blocks[vb * N + vn, vc, vi, vj], idx[vn, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
+                vb, vn, vc, vi = T.axis.remap("SSSS", [b, n, c, i])
+                T.reads(blocks[vb * N + vn, vc, vi, 0:pw], idx[vn, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
                 T.writes(y[vb, vc, 0:Ho, 0:Wo])
                 r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
-                q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw) + vj
-                if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                    y[vb, vc, r, q] = blocks[vb * N + vn, vc, vi, vj] + sbase[vb, vc, r, q]
-        for b, m, c, i, j in T.grid(B, M, C, sph, spw):
+                q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
+                if r >= 0 and r < Ho:
+                    if q >= 0 and q + pw <= Wo:
+                        for j in T.vectorized(pw):
+                            y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + sbase[vb, vc, r, q + j]
+                    else:
+                        for j in range(pw):
+                            if q + j >= 0 and q + j < Wo:
+                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + sbase[vb, vc, r, q + j]
+        for b, m, c, i in T.grid(B, M, C, sph):
             with T.sblock("sige_shortcut"):
-                vb, vm, vc, vi, vj = T.axis.remap("SSSSS", [b, m, c, i, j])
-                # y is read-modify-written at positions no other iteration touches (shortcut blocks
-                # never overlap); leaving it out of T.reads keeps the block data-parallel so the
-                # rules can parallelise / bind it.
-                T.reads(sblocks[vb * M + vm, vc, vi, vj], sidx[vm, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
+                vb, vm, vc, vi = T.axis.remap("SSSS", [b, m, c, i])
+                # y is read-modify-written at positions no other iteration touches (shortcut blocks never
+                # overlap); leaving it out of T.reads keeps the block data-parallel so the rules can
+                # parallelise / bind it.
+                T.reads(sblocks[vb * M + vm, vc, vi, 0:spw], sidx[vm, 0:2], sbase[vb, vc, 0:Ho, 0:Wo])
                 T.writes(y[vb, vc, 0:Ho, 0:Wo])
                 r = T.floordiv(T.Cast("int64", sidx[vm, 0]) + soh, ssh) + vi
-                q = T.floordiv(T.Cast("int64", sidx[vm, 1]) + sow, ssw) + vj
-                if r >= 0 and r < Ho and q >= 0 and q < Wo:
-                    y[vb, vc, r, q] = y[vb, vc, r, q] + sblocks[vb * M + vm, vc, vi, vj] - sbase[vb, vc, r, q]
+                q = T.floordiv(T.Cast("int64", sidx[vm, 1]) + sow, ssw)
+                if r >= 0 and r < Ho:
+                    if q >= 0 and q + spw <= Wo:
+                        for j in T.vectorized(spw):
+                            y[vb, vc, r, q + j] = y[vb, vc, r, q + j] + sblocks[vb * M + vm, vc, vi, j] - sbase[vb, vc, r, q + j]
+                    else:
+                        for j in range(spw):
+                            if q + j >= 0 and q + j < Wo:
+                                y[vb, vc, r, q + j] = (y[vb, vc, r, q + j] + sblocks[vb * M + vm, vc, vi, j]
+                                                       - sbase[vb, vc, r, q + j])
     return scatter_block_res
+
+
+def restore_primfunc(B, C, Ho, Wo, ph, pw, offset, stride):
+    """``work[b, :, region_n] = cache[b, :, region_n]`` for the regions an in-place scatter with these
+    ``indices`` / ``offset`` / ``stride`` / block ``ph x pw`` wrote (in place on argument 0: work, cache,
+    indices). Blocks are read through ``indices`` only: no blocks tensor, so any ``N`` works."""
+    from tvm.script import tirx as T
+
+    B, C, Ho, Wo, ph, pw = (int(v) for v in (B, C, Ho, Wo, ph, pw))
+    oh, ow = (int(v) for v in offset)
+    sh, sw = (int(v) for v in stride)
+
+    @T.prim_func(private=True, s_tir=True)
+    def restore(work: T.Buffer((B, C, Ho, Wo), "float32"), cache: T.Buffer((B, C, Ho, Wo), "float32"),
+                var_idx: T.handle):
+        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+        N = T.int64()
+        idx = T.match_buffer(var_idx, (N, 2), "int32")
+        for b, n, c, i in T.grid(B, N, C, ph):
+            with T.sblock("sige_scatter"):
+                vb, vn, vc, vi = T.axis.remap("SSSS", [b, n, c, i])
+                T.reads(idx[vn, 0:2], cache[vb, vc, 0:Ho, 0:Wo])
+                T.writes(work[vb, vc, 0:Ho, 0:Wo])
+                r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
+                q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
+                if r >= 0 and r < Ho:
+                    if q >= 0 and q + pw <= Wo:
+                        for j in T.vectorized(pw):
+                            work[vb, vc, r, q + j] = cache[vb, vc, r, q + j]
+                    else:
+                        for j in range(pw):
+                            if q + j >= 0 and q + j < Wo:
+                                work[vb, vc, r, q + j] = cache[vb, vc, r, q + j]
+    return restore

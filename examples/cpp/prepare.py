@@ -74,6 +74,9 @@ def main() -> None:
             if name in prime_outputs and pname == "edit" and name not in named:
                 lines.append(f"from_prime {prime_outputs.index(name)} {name}")
                 continue
+            if spec.get("kind") == "working_copy":  # the edit writes into it: a copy of the cached map
+                lines.append(f"copy_of_prime {prime_outputs.index(spec['cache'])} {name}")
+                continue
             arr = np.ascontiguousarray(named[name], dtype=spec["dtype"])
             fname = f"{pname}.{len(lines)}.bin"
             arr.tofile(work / fname)

@@ -9,6 +9,9 @@
 //   file <dtype> <ndim> <dims...> <file.bin> <name>     an input read from a raw file
 //   weight <dtype> <ndim> <dims...> <offset> <name>     a view into weights.bin
 //   from_prime <k> <name>                               output k of the prime pass (a cache)
+//   copy_of_prime <k> <name>                            a copy of it: a working copy the edit writes into
+//                                                       (a host editing again calls vm["restore"] after
+//                                                       each edit; see the artifact's manifest)
 //   output <pass> <k> <expected.bin>                    compare output k with a reference
 //
 // Each pass: vm = lib["vm_load_executable"](); vm["vm_initialization"](kDLCPU, 0, 2 /*pooled*/);
@@ -129,6 +132,15 @@ int main(int argc, char** argv) {
         int k;
         is >> k;
         out.push_back((*prime_out)[k]);
+        continue;
+      }
+      if (kind == "copy_of_prime") {  // a working copy: the edit scatters into it in place
+        int k;
+        is >> k;
+        const ffi::Tensor& src = (*prime_out)[k];
+        ffi::Tensor t = NewTensor(std::vector<int64_t>(src.shape().begin(), src.shape().end()), src.dtype());
+        std::memcpy(t.data_ptr(), src.data_ptr(), NBytes(t));
+        out.push_back(t);
         continue;
       }
       std::string dtype;
