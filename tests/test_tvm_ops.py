@@ -409,3 +409,32 @@ def test_conv_of_scatter_gather_is_one_sparse_conv():
         g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
         assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias), rtol=1e-4, atol=1e-4,
                      what=f"scatter-gather conv N1={n1} N2={n2}")
+
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_depthwise_conv_of_scatter_gather_is_one_sparse_conv(activation):
+    """A depthwise Conv of a SigeScatterGather (separable convs of GAN Compression) fuses into one sparse conv
+    scheduled channels-innermost (the gather computed per vector of channels), equal to the reference."""
+    c = 32
+    w, bias = f32(c, 1, 3, 3), f32(c)
+    attrs = dict(block=[6, 6], activation=activation)
+    nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale", "shift"], ["g"], **attrs),
+             helper.make_node("Conv", ["g", "w", "bias"], ["y"], group=c)]
+    inputs = [vi("blocks", ["BN1", c, 4, 4]), vi("base", [B, c, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),
+              idx_type(), vi("scale", [c, 1, 1]), vi("shift", [1, c, 1, 1])]
+    m = make_model(nodes, inputs, [vi("y", None)], [init("w", w), init("bias", bias)])
+    lib = compile_program(m, "host", {"blocks": ("BN1", c, 4, 4)})
+    names = [n for n, _, _ in lib.schedule_log]
+    assert names.count("sige_sparse_conv2d") == 1 and not any(n.startswith("sige_scatter_gather") for n in names), names
+    if c % vector_lanes(get_target("host").tvm_target()) == 0:
+        assert ("sige_sparse_conv2d", "cpu.depthwise_blocks", "ok") in lib.schedule_log, lib.schedule_log
+    base, sc, sh = f32(B, c, Ho, Wo), f32(c, 1, 1), f32(1, c, 1, 1)
+    for n1, n2 in [(4, 3), (0, 2), (3, 0), (7, 9)]:
+        sidx = gather_grid(n1)
+        blocks = f32(B * sidx.shape[0], c, 4, 4)
+        smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
+        gidx = gather_grid(n2)
+        g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
+        assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=c), rtol=1e-4, atol=1e-4,
+                     what=f"scatter-gather depthwise conv N1={n1} N2={n2}")

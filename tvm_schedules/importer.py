@@ -289,21 +289,27 @@ def _importer_class():
             return True
 
         def _block_convs(self, graph, virtual: set, uses: dict, outs: set) -> tuple[dict, set]:
-            """Convs over gathered blocks (pads 0, group 1) fused with what gathers their input, so the gathered
-            blocks are never materialised (the schedules gather them per tile):
+            """Convs over gathered blocks (pads 0) fused with what gathers their input, so the gathered blocks are
+            never materialised (the schedules gather them per tile):
 
-            * ``Conv(Concat(SigeGather(x_i, idx, scale_i, shift_i)...))`` (the UNet up path): one sparse conv
-              reading every part in place;
-            * ``Conv(SigeScatterGather(blocks, base, ...))``: the conv over the virtual scatter.
+            * ``Conv(Concat(SigeGather(x_i, idx, scale_i, shift_i)...))`` (the UNet up path, group 1): one sparse
+              conv reading every part in place;
+            * ``Conv(SigeScatterGather(blocks, base, ...))`` (group 1 or depthwise): the conv over the virtual
+              scatter.
 
             Returns ``{conv output: (kind, source nodes)}`` and the outputs not to emit."""
             prod = {o: n for n in graph.node for o in n.output}
+            dims = {t.name: list(t.dims) for t in graph.initializer}
+            dims.update({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input})
             fused, skip = {}, set()
             for conv in graph.node:
                 if conv.domain not in STANDARD_DOMAINS or conv.op_type != "Conv" or len(conv.input) < 2:
                     continue
                 a = {at.name: onnx.helper.get_attribute_value(at) for at in conv.attribute}
-                if any(int(p) for p in a.get("pads", ())) or int(a.get("group", 1)) != 1 \
+                group = int(a.get("group", 1))
+                w = dims.get(conv.input[1], [])
+                depthwise = group > 1 and len(w) == 4 and w[0] == group and w[1] == 1
+                if any(int(p) for p in a.get("pads", ())) or (group != 1 and not depthwise) \
                         or any(int(d) != 1 for d in a.get("dilations", ())) or a.get("auto_pad", b"NOTSET") != b"NOTSET":
                     continue
                 src = prod.get(conv.input[0])
@@ -313,7 +319,7 @@ def _importer_class():
                     fused[conv.output[0]] = ("scatter_gather", [src])
                     skip.add(src.output[0])
                     continue
-                if src.op_type != "Concat" or src.domain not in STANDARD_DOMAINS or len(src.input) < 2:
+                if group != 1 or src.op_type != "Concat" or src.domain not in STANDARD_DOMAINS or len(src.input) < 2:
                     continue
                 if next((at.i for at in src.attribute if at.name == "axis"), None) not in (1, -3):
                     continue
@@ -339,7 +345,9 @@ def _importer_class():
             attrs = self._parse_attr(sources[0].attribute)
             pre = sige_te.PreOp.from_attrs(attrs)
             block = _ints(attrs, "block")
-            strides = _ints(self._parse_attr(conv.attribute), "strides", (1, 1))
+            conv_attrs = self._parse_attr(conv.attribute)
+            strides = _ints(conv_attrs, "strides", (1, 1))
+            group = int(conv_attrs.get("group", 1))
             w = self._nodes[conv.input[1]]
             bias = self._nodes[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else None
             if kind == "scatter_gather":
@@ -375,7 +383,7 @@ def _importer_class():
                 b = rest.pop(0) if bias is not None else None
                 sc = rest.pop(0) if scale is not None else None
                 sf = rest.pop(0) if shift is not None else None
-                return sige_te.block_conv_te(gathered(data_, sc, sf), wt, b, strides=strides)
+                return sige_te.block_conv_te(gathered(data_, sc, sf), wt, b, strides=strides, group=group)
 
             self._nodes[conv.output[0]] = self.bb.emit_te(
                 f, *data, w, *present, primfunc_name_hint="sige_sparse_conv2d",

@@ -355,7 +355,8 @@ class DepthwiseConv2d(ScheduleRule):
 class DepthwiseBlocks(ScheduleRule):
     """Depthwise NCHW conv over many small images (the gathered blocks of a sparse edit; tiny dense maps):
     one vector of channels per task, the whole ``oh x ow`` output of the image in registers, the input tile
-    copied channels-innermost into a stack buffer so every tap is one vector load and one FMA. (With
+    copied (or gathered: ``SigeScatterGather`` fused) channels-innermost into a stack buffer so every tap is
+    one vector load and one FMA. (With
     ``Conv2dNCHW``'s layout each tap gathers 16 values from 16 channel planes: 3x slower than onnxruntime.)"""
 
     name = "cpu.depthwise_blocks"
@@ -384,22 +385,34 @@ class DepthwiseBlocks(ScheduleRule):
         data, weight = _buf(reads[0]), _buf(reads[1])
         if len(weight.shape) != 4 or _static(weight.shape[1]) != 1 or _static(data.shape[1]) != cout:
             return None  # not depthwise (Cin/group == 1, one input channel per output channel)
-        for b in before:  # zero padding of a tiny dense map: read through by the tile copy
-            sch.compute_inline(b)
+        names = {sch.get(b).name_hint: b for b in before}
+        gather = next((b for name, b in names.items() if name in ("sige_gather", "sige_scatter_gather")), None)
+        if gather is None:  # blocks in memory (or a tiny dense map, its zero padding read through)
+            for b in before:
+                sch.compute_inline(b)
+            tiles = [sch.cache_read(conv, 0, "local")]
+        else:  # fused with its gather (SigeScatterGather + depthwise Conv): computed per tile, in registers/stack
+            raw = names.get(sch.get(gather).name_hint + "_raw")
+            tiles = [gather] + ([raw] if raw is not None else [])
+            for t in tiles:
+                sch.set_scope(t, 0, "local")
+        for t in tiles:
+            sch.transform_layout(t, ("write", 0), lambda a, b, c, d: (a, c, d, b))
         wread = sch.cache_read(conv, 1, "global")
         sch.transform_layout(wread, ("write", 0), lambda a, b, c, d: (a // lanes, b, c, d, a % lanes))
         sch.parallel(sch.fuse(*sch.get_loops(wread)[:2]))
-        tile = sch.cache_read(conv, 0, "local")
-        sch.transform_layout(tile, ("write", 0), lambda a, b, c, d: (a, c, d, b))
         last = _accumulate_locally(sch, conv, after)
         sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
         co_o, co_i = sch.split(co, [None, lanes])
         sch.reorder(n, co_o, rc, rh, rw, oh, ow, co_i)
-        sch.compute_at(tile, co_o, preserve_unit_loops=True)
-        tl = sch.get_loops(tile)
-        sch.reorder(*tl[-3:][1:], tl[-3])  # channels innermost, as stored
-        tl = sch.get_loops(tile)
-        sch.unroll(tl[-2])
+        for k, t in enumerate(tiles):  # consumer first
+            sch.compute_at(t, co_o, preserve_unit_loops=True)
+            tl = sch.get_loops(t)
+            sch.reorder(*tl[-3:][1:], tl[-3])  # channels innermost, as stored
+            tl = sch.get_loops(t)
+            if k == 0 and len(tiles) > 1:
+                sch.vectorize(tl[-1])  # the pre-op's activation over a vector of channels
+            sch.unroll(tl[-2])
         sch.reverse_compute_at(last, co_o, preserve_unit_loops=True)
         el = sch.get_loops(last)
         for lp in el[-2:]:
