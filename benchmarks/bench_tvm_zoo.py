@@ -259,6 +259,29 @@ def memory(model: str, a, log) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------
+def roofline_lines(convs: list[dict], peak: float | None, read_gbs: float | None) -> list[str]:
+    """The conv/matmul kernels split by the roofline: a kernel whose arithmetic intensity (FLOP per byte it
+    must move) times the read bandwidth reaches the FMA peak is compute-bound and judged against the peak;
+    below that its roof is intensity x bandwidth (depthwise convs, convs with few channels)."""
+    if not (peak and read_gbs) or not convs:
+        return []
+    balance = peak / read_gbs
+    compute = [p for p in convs if (p.get("flop_per_byte") or 0) >= balance]
+    memory = [p for p in convs if p not in compute]
+    out = []
+    if compute:
+        ms = sum(p["ms"] for p in compute)
+        g = sum(p["gflop"] for p in compute) / max(ms, 1e-9) * 1e3
+        out.append(f"- compute-bound ({len(compute)} kernels, >= {balance:.1f} FLOP/byte): {ms:.1f} ms at {g:.1f} GFLOP/s "
+                   f"= {100 * g / peak:.0f}% of peak")
+    if memory:
+        ms = sum(p["ms"] for p in memory)
+        roof_ms = sum(p["gflop"] / min(peak, (p.get("flop_per_byte") or 0) * read_gbs) * 1e3 for p in memory
+                      if p.get("flop_per_byte"))
+        out.append(f"- memory-bound ({len(memory)} kernels, < {balance:.1f} FLOP/byte): {ms:.1f} ms, "
+                   f"{100 * roof_ms / max(ms, 1e-9):.0f}% of their roofline bound (intensity x {read_gbs:.0f} GB/s)")
+    return [""] + out
+
 def markdown(results: list[dict], meta: dict) -> str:
     L = ["# Host benchmark: SIGE artifact (TVM) vs onnxruntime dense", "",
          f"- machine: {meta['machine']}", f"- date: {meta['date']}", f"- threads: {meta['threads']} (TVM_NUM_THREADS, "
@@ -266,6 +289,8 @@ def markdown(results: list[dict], meta: dict) -> str:
          f"- command: `{meta['command']}`",
          f"- fp32 peak: {meta['peak_gflops']:.0f} GFLOP/s (register-only FMA loop compiled by TVM, "
          f"`python -m sige_export.tvm_schedules.bench peak`)" if meta.get("peak_gflops") else "- fp32 peak: not measured",
+         f"- streaming read bandwidth: {meta['read_gbs']:.1f} GB/s (`... bench bandwidth`); machine balance "
+         f"{meta['peak_gflops'] / meta['read_gbs']:.1f} FLOP/byte" if meta.get("read_gbs") else "- read bandwidth: not measured",
          "- edit = the artifact's edit pass (median); e2e = mask -> indices -> edit (Engine.edit); "
          "speedups = ORT dense / edit; MACs ratio = dense MACs / edit MACs; blob masks", ""]
     L += ["| model | ORT dense ms | TVM prime ms | prime/ORT | edited area | blocks | edit ms | ORT/edit | ORT/edit e2e "
@@ -307,11 +332,15 @@ def markdown(results: list[dict], meta: dict) -> str:
         L += ["", f"## Edit-pass kernels, {r['model']} at {r['edits'][0]['area'] * 100:.1f}% (instrumented run)", "",
               f"conv/matmul kernels {cms:.1f} ms of {tot:.1f} ms; {overall:.1f} GFLOP/s overall"
               + (f" = {pct(overall)} of the {peak:.0f} GFLOP/s peak; {100 * in70 / max(cms, 1e-9):.0f}% of the conv time "
-                 f"in kernels at >= 70% of peak" if peak else "") + " (per-layer numbers in the JSON)", "",
-              "| function | calls | ms | GFLOP/s | of peak | shapes (first call) |", "|---|---:|---:|---:|---:|---|"]
+                 f"in kernels at >= 70% of peak" if peak else "") + " (per-layer numbers in the JSON)"]
+        L += roofline_lines(convs, peak, meta.get("read_gbs"))
+        L += ["", "| function | calls | ms | GFLOP/s | of peak | FLOP/byte | shapes (first call) |",
+              "|---|---:|---:|---:|---:|---:|---|"]
         for p in prof[:15]:
             shapes = " ".join(p.get("shapes", []))
-            L.append(f"| {p['name']} | {p['calls']} | {p['ms']:.2f} | {p['gflops'] or 0:.1f} | {pct(p['gflops'])} | {shapes} |")
+            fpb = f"{p['flop_per_byte']:.1f}" if p.get("flop_per_byte") else ""
+            L.append(f"| {p['name']} | {p['calls']} | {p['ms']:.2f} | {p['gflops'] or 0:.1f} | {pct(p['gflops'])} | {fpb} "
+                     f"| {shapes} |")
     return "\n".join(L) + "\n"
 
 
@@ -347,12 +376,13 @@ def main(argv=None):
     import onnxruntime as ort
     import tvm
 
-    from sige_export.tvm_schedules.bench import peak_gflops
+    from sige_export.tvm_schedules.bench import peak_gflops, read_bandwidth_gbs
 
     meta = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": a.threads,
             "tvm": tvm.__version__, "ort": ort.__version__, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "peak_gflops": peak_gflops(a.threads)}
-    log(f"fp32 FMA peak ({a.threads} threads): {meta['peak_gflops']:.0f} GFLOP/s")
+            "peak_gflops": peak_gflops(a.threads), "read_gbs": read_bandwidth_gbs(a.threads)}
+    log(f"fp32 FMA peak ({a.threads} threads): {meta['peak_gflops']:.0f} GFLOP/s; "
+        f"streaming read {meta['read_gbs']:.1f} GB/s")
     results = []
     child_argv = list(argv if argv is not None else sys.argv[1:])
     for model in a.models:

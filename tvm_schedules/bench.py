@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CPU schedules vs onnxruntime (2 threads each):
 
-    python -m sige_export.tvm_schedules.bench [dense] [sparse] [--target host] [--threads 2]
+    python -m sige_export.tvm_schedules.bench [dense] [sparse] [peak] [bandwidth] [--target host] [--threads 2]
 
 (a) dense 3x3 conv 128->128 at 64x64 (+bias): TVM (Conv2dNCHW rule) vs onnxruntime Conv.
 (b) SigeSparseConv2d 128->128 over ~60 blocks of 6x6 (+bias): TVM vs onnxruntime Conv on the
@@ -9,6 +9,8 @@
 GFLOP/s count 2*Cin*Cout*9 per output pixel.
 (c) ``peak``: the machine's fp32 FMA peak as TVM reaches it (:func:`peak_gflops`), the yardstick of the
     per-layer "% of peak" in the benchmarks.
+(d) ``bandwidth``: streaming DRAM read bandwidth (:func:`read_bandwidth_gbs`), the memory roof of the
+    benchmarks' per-kernel roofline.
 """
 from __future__ import annotations
 
@@ -87,6 +89,45 @@ def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, 
     return 2.0 * threads * accumulators * lanes * steps / t / 1e9
 
 
+def read_bandwidth_gbs(threads: int = 2, target: str = "host", mib: int = 512) -> float:
+    """GB/s of a parallel vectorised sum over a ``mib`` MiB float32 array (far larger than the caches) compiled
+    by TVM for ``target``: the streaming DRAM read bandwidth, the other roof of the per-kernel roofline."""
+    import tvm
+    from tvm import s_tir, te
+
+    from sige_export.targets import get as get_target
+    from sige_export.tvm_schedules.cpu import vector_lanes
+
+    tgt = get_target(target).tvm_target()
+    lanes = vector_lanes(tgt)
+    acc = 8  # independent vector accumulators per thread
+    rows = (mib << 20) // 4 // (threads * acc * lanes)
+    x = te.placeholder((threads, rows, acc, lanes), "float32", name="x")
+    r = te.reduce_axis((0, rows), name="r")
+    y = te.compute((threads, acc, lanes), lambda p, k, v: te.sum(x[p, r, k, v], axis=r), name="acc")
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    blk = sch.get_sblock("acc")
+    cache = sch.cache_write(blk, 0, "local")
+    p, k, v, rr = sch.get_loops(blk)
+    sch.reorder(p, rr, k, v)
+    sch.reverse_compute_at(cache, p)
+    sch.parallel(p)
+    sch.unroll(k)
+    sch.vectorize(v)
+    sch.decompose_reduction(blk, rr)
+    f = tvm.compile(sch.mod, target=tgt)["main"]
+    dev = tvm.cpu()
+    a = tvm.runtime.tensor(np.ones((threads, rows, acc, lanes), np.float32), dev)
+    out = tvm.runtime.empty((threads, acc, lanes), "float32", dev)
+    f(a, out)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, out)
+        times.append(time.perf_counter() - t0)
+    return a.numpy().nbytes / float(np.median(times)) / 1e9
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="*", default=["dense", "sparse"])
@@ -97,6 +138,9 @@ def main(argv=None):
     os.environ.setdefault("TVM_NUM_THREADS", str(a.threads))
     if "peak" in a.which:
         print(f"(c) fp32 FMA peak ({a.threads} threads, TVM, {a.target}): {peak_gflops(a.threads, a.target):.0f} GFLOP/s")
+    if "bandwidth" in a.which:
+        print(f"(d) streaming read bandwidth ({a.threads} threads, TVM, {a.target}): "
+              f"{read_bandwidth_gbs(a.threads, a.target):.1f} GB/s")
     from sige_export import custom_ops
     from sige_export.compiler import compile_program
 
