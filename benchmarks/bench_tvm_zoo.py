@@ -288,7 +288,8 @@ def markdown(results: list[dict], meta: dict) -> str:
          f"ORT intra-op); TVM {meta['tvm']}, onnxruntime {meta['ort']}",
          f"- command: `{meta['command']}`",
          f"- fp32 peak: {meta['peak_gflops']:.0f} GFLOP/s (register-only FMA loop compiled by TVM, "
-         f"`python -m sige_export.tvm_schedules.bench peak`)" if meta.get("peak_gflops") else "- fp32 peak: not measured",
+         f"`python -m sige_export.tvm_schedules.bench peak`, best of before and after the models)" if meta.get("peak_gflops")
+         else "- fp32 peak: not measured",
          f"- streaming read bandwidth: {meta['read_gbs']:.1f} GB/s (`... bench bandwidth`); machine balance "
          f"{meta['peak_gflops'] / meta['read_gbs']:.1f} FLOP/byte" if meta.get("read_gbs") else "- read bandwidth: not measured",
          "- edit = the artifact's edit pass (median); e2e = mask -> indices -> edit (Engine.edit); "
@@ -390,10 +391,19 @@ def main(argv=None):
         if model in (a.memory or []):
             r["memory"] = memory(model, a, log)
         results.append(r)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        a.out.with_suffix(".md").write_text(markdown(results, meta))
+        write_report(a.out, results, meta)
+    # the roofs again, after the models: the machine is shared and a disturbed measurement halves them
+    meta["peak_gflops"] = max(meta["peak_gflops"], peak_gflops(a.threads))
+    meta["read_gbs"] = max(meta["read_gbs"], read_bandwidth_gbs(a.threads))
+    log(f"roofs (best of before and after): {meta['peak_gflops']:.0f} GFLOP/s, {meta['read_gbs']:.1f} GB/s")
+    write_report(a.out, results, meta)
     print(markdown(results, meta))
+
+
+def write_report(out: Path, results: list[dict], meta: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown(results, meta))
 
 
 if __name__ == "__main__":

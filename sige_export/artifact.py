@@ -564,12 +564,13 @@ class _Pass:
                 res[name] = self.runner._to_numpy(o, arrays)  # copied when it is (a view of) an input
         return res
 
-    def restore(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Copy the caches back over what the last call wrote into its working copies (in place): the written
-        regions, or whole maps when the regions hold more than ``RESTORE_FULL_FRACTION`` of their bytes."""
+    def restore(self, feeds: Mapping[str, np.ndarray], full: bool = False) -> None:
+        """Copy the caches over their working copies (in place): the regions the last call wrote, or whole maps
+        (``full``, or when the regions hold more than ``RESTORE_FULL_FRACTION`` of their bytes)."""
         plan = self.restore_plan
-        written = sum(len(feeds[r["indices"]]) * r["block_bytes"] for r in plan["regions"])
-        full = written > RESTORE_FULL_FRACTION * plan["bytes"]
+        if not full:
+            written = sum(len(feeds[r["indices"]]) * r["block_bytes"] for r in plan["regions"])
+            full = written > RESTORE_FULL_FRACTION * plan["bytes"]
         names = plan["full_inputs" if full else "inputs"]
         self.runner._call(self.vm_restore["restore_full" if full else "restore"], [feeds[n] for n in names], [])
 
@@ -636,6 +637,7 @@ class TvmArtifactBackend:
             self._weights = {k: tvm_ffi.from_dlpack(v) for k, v in self._weights_np.items()}
         self._passes: dict[str, _Pass] = {}
         self._work: dict[str, tuple] = {}  # working copy input -> (weakref to its cache array, the copy)
+        self._written: dict[str, np.ndarray] | None = None  # indices of the regions the last edit wrote
         self._modules = []
         with tempfile.TemporaryDirectory(prefix="sige-artifact-") as tmpd:
             for pname in ("prime", "edit"):
@@ -694,27 +696,36 @@ class TvmArtifactBackend:
             return p(feeds)
         if self.device_kind == "cuda":  # every input is copied to the device per call: the copies are scratch
             return p({**feeds, **{w: feeds[c] for w, c in p.working.items()}})
-        full = {**feeds, **self._working_copies(p, feeds)}
         try:
+            full = {**feeds, **self._working_copies(p, feeds)}
             out = p(full)
-            p.restore(full)
         except BaseException:
             self._work.clear()  # state unknown: the next edit copies the caches afresh
+            self._written = None
             raise
+        self._written = {r["indices"]: full[r["indices"]] for r in p.restore_plan["regions"]}
         return out
 
     def _working_copies(self, p: _Pass, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One working copy per cache the edit scatters into, equal to it: kept between edits of the same
-        caches (each edit restores what it wrote), copied afresh when the caches change (another key)."""
-        out = {}
+        """One working copy per cache the edit scatters into, made equal to that cache here, before the pass.
+        What an edit writes is put back lazily, at the next edit: the regions the last edit wrote
+        (``restore``) when the caches are the same ones, else (another key) the whole maps (``restore_full``,
+        the cost the copying scatters had), so switching keys never pays for both."""
+        stale = False
         for w, c in p.working.items():
             cache = feeds[c]
             held = self._work.get(w)
             if held is None or held[0]() is not cache:
-                copy = _aligned_empty(cache.nbytes, cache.dtype, cache.shape)
-                np.copyto(copy, cache)
-                held = self._work[w] = (weakref.ref(cache), copy)
-            out[w] = held[1]
+                buf = held[1] if held is not None and held[1].shape == cache.shape else \
+                    _aligned_empty(cache.nbytes, cache.dtype, cache.shape)
+                self._work[w] = (weakref.ref(cache), buf)
+                stale = True
+        out = {w: self._work[w][1] for w in p.working}
+        if stale:
+            p.restore({**feeds, **out}, full=True)
+        elif self._written:
+            p.restore({**feeds, **out, **self._written})  # the last edit's block indices
+        self._written = None
         return out
 
     def dense(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

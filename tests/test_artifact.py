@@ -446,9 +446,10 @@ def test_backend_is_freed_without_the_cycle_collector(small):
 
 
 def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch):
-    """Edits scatter into working copies of the caches and put them back after each pass (region by region
-    for small edits, whole maps for large ones): a sequence of edits of two keys, each restore path, a pass
-    that fails half way, all equal onnxruntime; the caches and earlier results are never written."""
+    """Edits scatter into working copies of the caches, put back before the next edit (the regions the last
+    edit wrote, by block rows or whole maps; whole maps when the key changes): a sequence of edits of two
+    keys, each restore path, a pass that fails after writing, all equal onnxruntime; the caches and earlier
+    results are never written."""
     import sige_export.artifact as art
 
     program, path = zoo_artifacts("ddpm-church256")
@@ -481,16 +482,21 @@ def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch):
         for n, a in got._entries[key].caches.items():
             np.testing.assert_array_equal(a, primed[key][n], err_msg=f"cache {n} of key {key} was written")
 
-    # a pass that fails after writing its working copies: they are dropped and rebuilt from the caches
-    def fail(self, feeds_):
-        raise RuntimeError("injected restore failure")
+    # a pass that fails after writing its working copies: they are dropped and refilled from the caches
+    edited = _edited(manifest, feeds[0], masks[0])
+    got.edit(**edited, mask=masks[0], key=0)
+    run = art._Pass.__call__
 
-    monkeypatch.setattr(art._Pass, "restore", fail)
+    def fail_after(self, feeds_, outputs=None):
+        run(self, feeds_, outputs)
+        raise RuntimeError("injected failure after the pass")
+
+    monkeypatch.setattr(art._Pass, "__call__", fail_after)
     edited = _edited(manifest, feeds[0], masks[1])
     with pytest.raises(RuntimeError, match="injected"):
         got.edit(**edited, mask=masks[1], key=0)
     monkeypatch.undo()
-    assert not backend._work
+    assert not backend._work and backend._written is None
     edited = _edited(manifest, feeds[0], masks[0])
     assert_close_relative(got.edit(**edited, mask=masks[0], key=0), ref.edit(**edited, mask=masks[0], key=0),
                           rel=REL, what="edit after a failed pass")

@@ -85,7 +85,7 @@ def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, 
         t0 = time.perf_counter()
         f(*args)
         times.append(time.perf_counter() - t0)
-    t = float(np.median(times))
+    t = min(times)  # a roof: the best of five (the machine is shared)
     return 2.0 * threads * accumulators * lanes * steps / t / 1e9
 
 
@@ -125,7 +125,7 @@ def read_bandwidth_gbs(threads: int = 2, target: str = "host", mib: int = 512) -
         t0 = time.perf_counter()
         f(a, out)
         times.append(time.perf_counter() - t0)
-    return a.numpy().nbytes / float(np.median(times)) / 1e9
+    return a.numpy().nbytes / min(times) / 1e9
 
 
 def main(argv=None):
