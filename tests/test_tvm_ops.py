@@ -438,3 +438,11 @@ def test_depthwise_conv_of_scatter_gather_is_one_sparse_conv(activation):
         g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
         assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=c), rtol=1e-4, atol=1e-4,
                      what=f"scatter-gather depthwise conv N1={n1} N2={n2}")
+
+def test_roof_measurements_are_plausible():
+    """The roofs of the benchmarks' roofline (tvm_schedules.bench): an FMA peak and a streaming read bandwidth,
+    positive and finite, the peak at least one scalar FMA per nanosecond per thread."""
+    from sige_export.tvm_schedules.bench import peak_gflops, read_bandwidth_gbs
+
+    assert 2.0 <= peak_gflops(threads=1, steps=1 << 14) < 1e5
+    assert 0.1 <= read_bandwidth_gbs(threads=1, mib=16) < 1e4

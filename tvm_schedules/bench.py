@@ -48,9 +48,10 @@ def _ort(model, feeds, threads, reps=30):
     return out, float(np.median(ts))
 
 
-def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, steps: int = 1 << 20) -> float:
-    """fp32 GFLOP/s of a register-only FMA loop compiled by TVM for ``target`` (one independent chain per
-    thread of ``accumulators`` vector registers, no memory traffic in the loop): the practical peak."""
+def _roof_kernel(target: str, threads: int, body):
+    """Compile ``acc[p, k, v] = sum_r body(r)(p, k, v)`` (``body(lanes)`` returns the placeholders and the
+    reduction) with one thread per ``p`` and the ``k x v`` accumulators in vector registers; returns
+    ``(function, placeholders, accumulator shape)``."""
     import tvm
     from tvm import s_tir, te
 
@@ -58,54 +59,9 @@ def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, 
     from sige_export.tvm_schedules.cpu import vector_lanes
 
     tgt = get_target(target).tvm_target()
-    lanes = vector_lanes(tgt)
-    x = te.placeholder((threads, accumulators, lanes), "float32", name="x")
-    w = te.placeholder((steps,), "float32", name="w")
-    r = te.reduce_axis((0, steps), name="r")
-    y = te.compute((threads, accumulators, lanes), lambda p, k, v: te.sum(x[p, k, v] * w[r], axis=r), name="acc")
-    sch = s_tir.Schedule(te.create_prim_func([x, w, y]))
-    blk = sch.get_sblock("acc")
-    acc = sch.cache_write(blk, 0, "local")
-    p, k, v, rr = sch.get_loops(blk)
-    sch.reorder(p, rr, k, v)
-    sch.reverse_compute_at(acc, p)
-    sch.parallel(p)
-    sch.unroll(k)
-    sch.vectorize(v)
-    sch.decompose_reduction(blk, rr)
-    lib = tvm.compile(sch.mod, target=tgt)
-    dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(s_).astype(np.float32) * 1e-3, dev)
-            for s_ in ((threads, accumulators, lanes), (steps,))] + [tvm.runtime.empty((threads, accumulators, lanes), "float32", dev)]
-    f = lib["main"]
-    f(*args)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        f(*args)
-        times.append(time.perf_counter() - t0)
-    t = min(times)  # a roof: the best of five (the machine is shared)
-    return 2.0 * threads * accumulators * lanes * steps / t / 1e9
-
-
-def read_bandwidth_gbs(threads: int = 2, target: str = "host", mib: int = 512) -> float:
-    """GB/s of a parallel vectorised sum over a ``mib`` MiB float32 array (far larger than the caches) compiled
-    by TVM for ``target``: the streaming DRAM read bandwidth, the other roof of the per-kernel roofline."""
-    import tvm
-    from tvm import s_tir, te
-
-    from sige_export.targets import get as get_target
-    from sige_export.tvm_schedules.cpu import vector_lanes
-
-    tgt = get_target(target).tvm_target()
-    lanes = vector_lanes(tgt)
-    acc = 8  # independent vector accumulators per thread
-    rows = (mib << 20) // 4 // (threads * acc * lanes)
-    x = te.placeholder((threads, rows, acc, lanes), "float32", name="x")
-    r = te.reduce_axis((0, rows), name="r")
-    y = te.compute((threads, acc, lanes), lambda p, k, v: te.sum(x[p, r, k, v], axis=r), name="acc")
-    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    placeholders, shape, value = body(vector_lanes(tgt))
+    y = te.compute(shape, value, name="acc")
+    sch = s_tir.Schedule(te.create_prim_func(list(placeholders) + [y]))
     blk = sch.get_sblock("acc")
     cache = sch.cache_write(blk, 0, "local")
     p, k, v, rr = sch.get_loops(blk)
@@ -115,17 +71,59 @@ def read_bandwidth_gbs(threads: int = 2, target: str = "host", mib: int = 512) -
     sch.unroll(k)
     sch.vectorize(v)
     sch.decompose_reduction(blk, rr)
-    f = tvm.compile(sch.mod, target=tgt)["main"]
-    dev = tvm.cpu()
-    a = tvm.runtime.tensor(np.ones((threads, rows, acc, lanes), np.float32), dev)
-    out = tvm.runtime.empty((threads, acc, lanes), "float32", dev)
-    f(a, out)
+    return tvm.compile(sch.mod, target=tgt)["main"], placeholders, shape
+
+
+def _best_seconds(f, args, reps: int = 5) -> float:
+    """The best of ``reps`` timed calls after one warm-up: a roof (the machine is shared)."""
+    f(*args)
     times = []
-    for _ in range(5):
+    for _ in range(reps):
         t0 = time.perf_counter()
-        f(a, out)
+        f(*args)
         times.append(time.perf_counter() - t0)
-    return a.numpy().nbytes / min(times) / 1e9
+    return min(times)
+
+
+def peak_gflops(threads: int = 2, target: str = "host", accumulators: int = 12, steps: int = 1 << 20) -> float:
+    """fp32 GFLOP/s of a register-only FMA loop compiled by TVM for ``target`` (one independent chain per
+    thread of ``accumulators`` vector registers, no memory traffic in the loop): the practical peak."""
+    import tvm
+    from tvm import te
+
+    def body(lanes):
+        x = te.placeholder((threads, accumulators, lanes), "float32", name="x")
+        w = te.placeholder((steps,), "float32", name="w")
+        r = te.reduce_axis((0, steps), name="r")
+        return (x, w), (threads, accumulators, lanes), lambda p, k, v: te.sum(x[p, k, v] * w[r], axis=r)
+
+    f, (x, w), shape = _roof_kernel(target, threads, body)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in t.shape]).astype(np.float32) * 1e-3, dev)
+            for t in (x, w)] + [tvm.runtime.empty(shape, "float32", dev)]
+    return 2.0 * threads * accumulators * shape[-1] * steps / _best_seconds(f, args) / 1e9
+
+
+def read_bandwidth_gbs(threads: int = 2, target: str = "host", mib: int = 512) -> float:
+    """GB/s of a parallel vectorised sum over a ``mib`` MiB float32 array (far larger than the caches) compiled
+    by TVM for ``target``: the streaming DRAM read bandwidth, the other roof of the per-kernel roofline."""
+    import tvm
+    from tvm import te
+
+    acc = 8  # independent vector accumulators per thread
+
+    def body(lanes):
+        rows = (mib << 20) // 4 // (threads * acc * lanes)
+        x = te.placeholder((threads, rows, acc, lanes), "float32", name="x")
+        r = te.reduce_axis((0, rows), name="r")
+        return (x,), (threads, acc, lanes), lambda p, k, v: te.sum(x[p, r, k, v], axis=r)
+
+    f, (x,), shape = _roof_kernel(target, threads, body)
+    dev = tvm.cpu()
+    a = tvm.runtime.tensor(np.ones([int(d) for d in x.shape], np.float32), dev)
+    nbytes = 4 * int(np.prod([int(d) for d in x.shape]))
+    return nbytes / _best_seconds(f, [a, tvm.runtime.empty(shape, "float32", dev)]) / 1e9
 
 
 def main(argv=None):

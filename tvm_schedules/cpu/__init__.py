@@ -168,6 +168,29 @@ def _accumulate_locally(sch, conv, epilogue: list):
     return chain[-1]
 
 
+def _find_conv(sch):
+    """The root block with 4 spatial and 3 reduction iterators (an NCHW conv), or None."""
+    for b in _root_blocks(sch):
+        if _iter_types(sch, b) == [DATA_PAR] * 4 + [COMM_REDUCE] * 3:
+            return b
+    return None
+
+
+def _match_conv(func, target):
+    """``(schedule, conv, blocks before, blocks after)`` for a CPU PrimFunc of one NCHW conv between spatial
+    producers and an elementwise epilogue; None otherwise."""
+    if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+        return None
+    sch = s_tir.Schedule(func)
+    conv = _find_conv(sch)
+    if conv is None:
+        return None
+    before, after = _around(sch, conv)
+    if any(not _is_spatial(sch, b) for b in before + after):
+        return None
+    return sch, conv, before, after
+
+
 # -- rules ----------------------------------------------------------------------------------------
 class Conv2dNCHW(ScheduleRule):
     """Register-blocked NCHW conv (dense and SIGE sparse)."""
@@ -181,25 +204,12 @@ class Conv2dNCHW(ScheduleRule):
         self.tiles = tiles
         self.small_pixels = small_pixels  # output pixels below which channel groups go outer
 
-    def _find(self, sch):
-        for b in _root_blocks(sch):
-            t = _iter_types(sch, b)
-            if t == [DATA_PAR] * 4 + [COMM_REDUCE] * 3:
-                return b
-        return None
-
     def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+        matched = _match_conv(func, target)  # [data producer] conv [elementwise epilogue chain]
+        if matched is None:
             return None
-        sch = s_tir.Schedule(func)
-        conv = self._find(sch)
-        if conv is None:
-            return None
+        sch, conv, before, after = matched
         lanes = vector_lanes(target)
-        before, after = _around(sch, conv)
-        # only handle: [data producer] conv [elementwise epilogue chain]
-        if any(not _is_spatial(sch, b) for b in before + after):
-            return None
         loops = sch.get_loops(conv)
         n, co, oh, ow, rc, rh, rw = loops
         cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
@@ -303,15 +313,10 @@ class DepthwiseConv2d(ScheduleRule):
         self.rh = rh
 
     def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+        matched = _match_conv(func, target)
+        if matched is None:
             return None
-        sch = s_tir.Schedule(func)
-        conv = Conv2dNCHW._find(self, sch)
-        if conv is None:
-            return None
-        before, after = _around(sch, conv)
-        if any(not _is_spatial(sch, b) for b in before + after):
-            return None
+        sch, conv, before, after = matched
         if any(sch.get(b).name_hint.startswith(("sige_gather", "sige_scatter_gather")) for b in before):
             return None
         n, co, oh, ow, rc, rh, rw = sch.get_loops(conv)
@@ -356,8 +361,8 @@ class DepthwiseBlocks(ScheduleRule):
     """Depthwise NCHW conv over many small images (the gathered blocks of a sparse edit; tiny dense maps):
     one vector of channels per task, the whole ``oh x ow`` output of the image in registers, the input tile
     copied (or gathered: ``SigeScatterGather`` fused) channels-innermost into a stack buffer so every tap is
-    one vector load and one FMA. (With
-    ``Conv2dNCHW``'s layout each tap gathers 16 values from 16 channel planes: 3x slower than onnxruntime.)"""
+    one vector load and one FMA. (With ``Conv2dNCHW``'s layout each tap gathers 16 values from 16 channel
+    planes: 3x slower than onnxruntime.)"""
 
     name = "cpu.depthwise_blocks"
 
@@ -365,15 +370,10 @@ class DepthwiseBlocks(ScheduleRule):
         self.max_outputs = max_outputs  # accumulator vectors of one tile
 
     def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+        matched = _match_conv(func, target)
+        if matched is None:
             return None
-        sch = s_tir.Schedule(func)
-        conv = Conv2dNCHW._find(self, sch)
-        if conv is None:
-            return None
-        before, after = _around(sch, conv)
-        if any(not _is_spatial(sch, b) for b in before + after):
-            return None
+        sch, conv, before, after = matched
         n, co, oh, ow, rc, rh, rw = sch.get_loops(conv)
         cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
         lanes = vector_lanes(target)
