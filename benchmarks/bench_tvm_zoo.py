@@ -143,7 +143,7 @@ def bench_model(model: str, a, log) -> dict:
         mask = synthetic_mask("blob", res, r, seed=0)
         idx = engine.edit_feeds(mask)
         edited = dict(feeds)
-        edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
+        edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
         full = engine._edit_inputs(entry, edited, idx)
         t_edit = _median(lambda: backend.edit(full), a.edit_reps)
         t_e2e = _median(lambda: engine.edit(**edited, mask=mask), max(3, a.edit_reps // 3))
@@ -217,7 +217,7 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
     mask = synthetic_mask("blob", tuple(manifest["mask"]["resolution"]), ratio, seed=0)
     src = manifest["mask"]["source"]
     edited = dict(feeds)
-    edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
+    edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
     engine.edit(**edited, mask=mask)  # warm
     _reset_hwm()
     engine.edit(**edited, mask=mask)

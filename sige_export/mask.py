@@ -225,12 +225,14 @@ def mask_integral(mask: np.ndarray) -> np.ndarray:
 
 
 def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None = None,
-                  integral: np.ndarray | None = None) -> np.ndarray:
+                  integral: np.ndarray | None = None, dilation: IntPair = 0) -> np.ndarray:
     """int32 ``[N, 2]`` top-lefts of the active blocks (row-major).
 
     A block is active when any mask pixel in its input window (clipped to the image) is set.
     ``in_hw``, when given, is the conv input's size and must equal the mask's. ``integral``: the mask's
-    :func:`mask_integral`, when several grids share the mask.
+    :func:`mask_integral`, when several grids share the mask. ``dilation``: the blocks of
+    ``dilate(mask, dilation)``, found by widening each window instead (a box dilation followed by a
+    box test is one wider box test; no dilated mask is built).
     """
     m = _mask2d(mask)
     if in_hw is not None and tuple(_pair(in_hw, "in_hw")) != m.shape:
@@ -240,8 +242,11 @@ def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None =
     hs, ws = block_grid(config, (H, W))
     if integral is None:
         integral = mask_integral(m)
-    r0, r1 = np.clip(hs, 0, H), np.clip(hs + config.block[0], 0, H)
-    c0, c1 = np.clip(ws, 0, W), np.clip(ws + config.block[1], 0, W)
+    dh, dw = _pair(dilation, "dilation")
+    if dh < 0 or dw < 0:
+        raise ValueError(f"block_indices: dilation must be non-negative, got {(dh, dw)}")
+    r0, r1 = np.clip(hs - dh, 0, H), np.clip(hs + config.block[0] + dh, 0, H)
+    c0, c1 = np.clip(ws - dw, 0, W), np.clip(ws + config.block[1] + dw, 0, W)
     count = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])
     ii, jj = np.nonzero(count > 0)
     return np.stack([hs[ii], ws[jj]], axis=1).astype(np.int32).reshape(-1, 2)

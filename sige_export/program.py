@@ -95,10 +95,11 @@ def grid_config(grid: dict) -> BlockConfig:
                        kernel=tuple(grid["kernel"]), stride=tuple(grid["stride"]), padding=tuple(grid["pads"]))
 
 
-def grid_indices(mask: np.ndarray, grid: dict, integral: np.ndarray | None = None) -> np.ndarray:
+def grid_indices(mask: np.ndarray, grid: dict, integral: np.ndarray | None = None, dilation=0) -> np.ndarray:
     """Active block top-lefts (int32 [N, 2]) of a manifest index entry for a boolean mask at its resolution
-    (``integral``: the mask's ``mask.mask_integral``, shared by the grids of one resolution)."""
-    return block_indices(mask, grid_config(grid), tuple(grid["resolution"]), integral)
+    (``integral``: the mask's ``mask.mask_integral``, shared by the grids of one resolution; ``dilation``:
+    of the mask, see ``mask.block_indices``)."""
+    return block_indices(mask, grid_config(grid), tuple(grid["resolution"]), integral, dilation)
 
 
 def all_grid_indices(grid: dict) -> np.ndarray:

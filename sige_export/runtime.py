@@ -423,12 +423,12 @@ class Engine:
         m = self.manifest
         mask = self._check_mask(mask)
         levels = sorted({tuple(g["resolution"]) for g in m["indices"]}, reverse=True)
-        pyramid = masks.mask_pyramid(mask, levels, dilation=m["mask"]["dilation"])
+        pyramid = {hw: masks.downsample(mask, hw) for hw in levels}  # dilated through the block windows
         integrals = {hw: masks.mask_integral(pm) for hw, pm in pyramid.items()}
         feeds: dict[str, np.ndarray] = {}
         for g in m["indices"]:
             hw = tuple(g["resolution"])
-            feeds[g["name"]] = grid_indices(pyramid[hw], g, integrals[hw])
+            feeds[g["name"]] = grid_indices(pyramid[hw], g, integrals[hw], m["mask"]["dilation"])
         feeds.update(derived_feeds(m, feeds))
         return feeds
 

@@ -140,6 +140,20 @@ def test_block_indices_match_brute_force(mask: np.ndarray, k: int, s: int, b: in
 
 
 @SETTINGS
+@given(masks(), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(3, 8), st.integers(0, 3),
+       st.integers(0, 3))
+def test_block_indices_of_dilated_mask_by_widened_windows(mask: np.ndarray, k: int, s: int, b: int, rh: int,
+                                                          rw: int) -> None:
+    """``dilation=`` (wider windows on the mask) finds exactly the blocks of the dilated mask."""
+    cfg = snap_block(b, k, s, k // 2)
+    if min(cfg.out_hw(mask.shape)) < 1:
+        return
+    want = _brute_block_indices(dilate(mask, (rh, rw)), cfg)
+    assert np.array_equal(block_indices(mask, cfg, dilation=(rh, rw)), want)
+    assert np.array_equal(block_indices(mask, cfg, integral=mask_integral(mask), dilation=(rh, rw)), want)
+
+
+@SETTINGS
 @given(st.integers(1, 20), st.integers(1, 20), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.integers(3, 8))
 def test_block_grid_covers_output_and_receptive_fields(h: int, w: int, k: int, s: int, b: int) -> None:
     cfg = snap_block(b, k, s, k // 2)

@@ -40,7 +40,7 @@ def main():
         mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), a.ratio, seed=0)
         src = man["mask"]["source"]
         edited = dict(feeds)
-        edited[src] = feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5
+        edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
         full = eng._edit_inputs(eng._entry(None), edited, eng.edit_feeds(mask))
         y = be.edit(full)
         subj.append((p, be, feeds, full, out, y[man["edit"]["outputs"][0]], man))
