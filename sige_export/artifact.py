@@ -539,7 +539,7 @@ class _Pass:
         # until the cyclic garbage collector happens to run
         self.runner = weakref.proxy(runner)
         self._vm = vm
-        # working copies (edit pass): {input: cache it mirrors}; ``restore`` puts them back after a call
+        # working copies (edit pass): {input: cache it mirrors}; ``restore`` makes them equal to the caches again
         self.working = {i["name"]: i["cache"] for i in entry["inputs"] if i.get("kind") == "working_copy"}
         self.restore_plan = entry.get("restore") or {}
         self.vm_restore = {k: vm[k] for k in ("restore", "restore_full")} if self.working else {}
@@ -572,7 +572,8 @@ class _Pass:
             written = sum(len(feeds[r["indices"]]) * r["block_bytes"] for r in plan["regions"])
             full = written > RESTORE_FULL_FRACTION * plan["bytes"]
         names = plan["full_inputs" if full else "inputs"]
-        self.runner._call(self.vm_restore["restore_full" if full else "restore"], [feeds[n] for n in names], [])
+        args = [_aligned(np.asarray(feeds[n])) for n in names]  # the working copies are aligned: passed as they are
+        self.runner._call(self.vm_restore["restore_full" if full else "restore"], args, [])
 
 
 def physical_cores() -> int:
@@ -602,7 +603,10 @@ def use_physical_cores() -> None:
 
 class TvmArtifactBackend:
     """The runtime's Backend protocol over a compiled artifact: ``prime``/``edit``/``dense`` take and return
-    dicts of numpy arrays. Uses tvm_ffi + libtvm_runtime only (never the TVM compiler, never torch)."""
+    dicts of numpy arrays. Uses tvm_ffi + libtvm_runtime only (never the TVM compiler, never torch).
+
+    On CPU the edit pass scatters into working copies of the large caches it updates, held here between
+    edits (one set: see :meth:`_working_copies`); results never alias them."""
 
     def __init__(self, path: str | os.PathLike, manifest: dict, tar: tarfile.TarFile, device: str):
         import tvm_ffi

@@ -294,7 +294,7 @@ def safe_input_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
 
 def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shapes: Mapping[str, Sequence] | None = None,
-                    *, schedule: bool = True, packed_weights=(), working_copies: Mapping[str, str] = {}) -> CompiledLibrary:
+                    *, schedule: bool = True, packed_weights=(), working_copies: Mapping[str, str] | None = None) -> CompiledLibrary:
     """Import, schedule and build ``model`` for ``target``.
 
     ``input_shapes`` maps input names to shapes (ints, or strings for named symbolic dims);
@@ -316,7 +316,7 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
     if input_shapes:
         input_shapes = {renamed.get(k, k): v for k, v in input_shapes.items()}
     mod = from_sige_onnx(model, input_shapes, packed_weights={renamed.get(n, n) for n in packed_weights},
-                         working_copies={renamed.get(w, w): renamed.get(c, c) for w, c in working_copies.items()})
+                         working_copies={renamed.get(w, w): renamed.get(c, c) for w, c in (working_copies or {}).items()})
     log: list = []
     tgt = spec.tvm_target()
     back = {v: k for k, v in renamed.items()}

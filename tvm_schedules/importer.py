@@ -552,7 +552,7 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
 
 
 def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None, *,
-                   keep_params_in_input: bool = False, packed_weights=(), working_copies: Mapping[str, str] = {}):
+                   keep_params_in_input: bool = False, packed_weights=(), working_copies: Mapping[str, str] | None = None):
     """Import a SIGE ONNX model into a Relax ``IRModule`` (function ``main``; ``restore`` too when the model
     has working copies: ``working_copies`` is the map :func:`with_working_copies` returned).
 
@@ -584,7 +584,7 @@ def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
     Importer = _importer_class()
     g = Importer(shape_dict, dtypes, keep_params_in_input=keep_params_in_input, sanitize=True)
     g.packed_weights = frozenset(packed_weights)
-    g.working_copies = dict(working_copies)
+    g.working_copies = dict(working_copies or {})
     g.restore_regions = []
     mod = g.from_onnx(model.graph, opset)
     return _with_restore(mod, g.restore_regions) if g.restore_regions else mod
