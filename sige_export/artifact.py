@@ -550,7 +550,11 @@ class _Pass:
             raise ArtifactError(f"{self.name} pass: missing inputs {missing[:8]}{'...' if len(missing) > 8 else ''}")
         arrays = []
         for spec in self.specs:
-            a = _aligned(np.asarray(feeds[spec["name"]], dtype=np.dtype(spec["dtype"])))
+            a = feeds[spec["name"]]
+            if isinstance(a, self.runner._ffi.Tensor):  # a working copy on the device: passed as it is
+                arrays.append(a)
+                continue
+            a = _aligned(np.asarray(a, dtype=np.dtype(spec["dtype"])))
             shp = spec["shape"]
             if a.ndim != len(shp) or any(not isinstance(d, str) and int(d) != s for d, s in zip(shp, a.shape)):
                 raise ArtifactError(f"{self.name} pass: input {spec['name']!r} has shape {a.shape}, expected {shp}")
@@ -572,7 +576,8 @@ class _Pass:
             written = sum(len(feeds[r["indices"]]) * r["block_bytes"] for r in plan["regions"])
             full = written > RESTORE_FULL_FRACTION * plan["bytes"]
         names = plan["full_inputs" if full else "inputs"]
-        args = [_aligned(np.asarray(feeds[n])) for n in names]  # the working copies are aligned: passed as they are
+        args = [a if isinstance(a, self.runner._ffi.Tensor) else _aligned(np.asarray(a))  # working copies as they are
+                for a in (feeds[n] for n in names)]
         self.runner._call(self.vm_restore["restore_full" if full else "restore"], args, [])
 
 
@@ -605,8 +610,9 @@ class TvmArtifactBackend:
     """The runtime's Backend protocol over a compiled artifact: ``prime``/``edit``/``dense`` take and return
     dicts of numpy arrays. Uses tvm_ffi + libtvm_runtime only (never the TVM compiler, never torch).
 
-    On CPU the edit pass scatters into working copies of the large caches it updates, held here between
-    edits (one set: see :meth:`_working_copies`); results never alias them."""
+    The edit pass scatters into working copies of the large caches it updates, held here between edits (one
+    set, on the device: see :meth:`_working_copies`); results never alias them. On CUDA the outputs of each
+    pass also stay on the device while their host copies live, so the caches are uploaded once, not per edit."""
 
     def __init__(self, path: str | os.PathLike, manifest: dict, tar: tarfile.TarFile, device: str):
         import tvm_ffi
@@ -641,6 +647,10 @@ class TvmArtifactBackend:
             self._weights = {k: tvm_ffi.from_dlpack(v) for k, v in self._weights_np.items()}
         self._passes: dict[str, _Pass] = {}
         self._work: dict[str, tuple] = {}  # working copy input -> (weakref to its cache array, the copy)
+        # Off the host (CUDA) the outputs of a pass stay on the device next to their host copies, so caches are
+        # not uploaded again by every edit: id(host array) -> (weakref to it, device tensor).
+        self._resident: dict[int, tuple] = {}
+        self._uploads = device == "cuda"  # inputs are copied to the device (tests set it on CPU too)
         self._written: dict[str, np.ndarray] | None = None  # indices of the regions the last edit wrote
         self._modules = []
         with tempfile.TemporaryDirectory(prefix="sige-artifact-") as tmpd:
@@ -669,22 +679,46 @@ class TvmArtifactBackend:
         alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         dst = alloc(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)), self.device, None)
-        copy(src, dst, None)
+        copy(src, dst)
         return dst
 
+    def _empty_like(self, a: np.ndarray):
+        """An uninitialised buffer shaped like ``a`` where the passes read their inputs."""
+        if not self._uploads:
+            return _aligned_empty(a.nbytes, a.dtype, a.shape)
+        ffi = self._ffi
+        return ffi.get_global_func("runtime.TVMTensorAllocWithScope")(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)),
+                                                                      self.device, None)
+
+    def _device_arg(self, a):
+        """``a`` on the device: a device tensor as it is, the resident copy of a pass output, else an upload."""
+        if isinstance(a, self._ffi.Tensor):
+            return a
+        held = self._resident.get(id(a))
+        if held is not None and held[0]() is a:
+            return held[1]
+        return self._to_device(a)
+
+    def _keep_resident(self, host: np.ndarray, tensor) -> None:
+        key, table = id(host), self._resident
+        table[key] = (weakref.ref(host, lambda _ref: table.pop(key, None)), tensor)
+
     def _call(self, fn, arrays, params):
-        if self.device_kind == "cuda":
-            args = [self._to_device(a) for a in arrays]
+        if self._uploads:
+            args = [self._device_arg(a) for a in arrays]
         else:
-            args = [self._ffi.from_dlpack(a) for a in arrays]
+            args = [a if isinstance(a, self._ffi.Tensor) else self._ffi.from_dlpack(a) for a in arrays]
         return fn(*args, *params)
 
     def _to_numpy(self, o, inputs):
-        if self.device_kind == "cuda":
+        if self._uploads:
             ffi = self._ffi
             host = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(o.shape, o.dtype, ffi.device("cpu", 0), None)
-            ffi.get_global_func("runtime.TVMTensorCopyFromTo")(o, host, None)
-            return np.from_dlpack(host)
+            ffi.get_global_func("runtime.TVMTensorCopyFromTo")(o, host)
+            a = np.from_dlpack(host)
+            if not any(isinstance(x, ffi.Tensor) and x.data_ptr() == o.data_ptr() for x in inputs):
+                self._keep_resident(a, o)  # a cache passed back to the next edit is not uploaded again
+            return a  # (not for a working copy: it changes under its host copy)
         a = np.from_dlpack(o)  # zero-copy: the numpy array keeps the VM's tensor alive
         if any(np.shares_memory(a, x) for x in inputs):
             a = a.copy()
@@ -698,8 +732,6 @@ class TvmArtifactBackend:
         p = self._passes["edit"]
         if not p.working:
             return p(feeds)
-        if self.device_kind == "cuda":  # every input is copied to the device per call: the copies are scratch
-            return p({**feeds, **{w: feeds[c] for w, c in p.working.items()}})
         try:
             full = {**feeds, **self._working_copies(p, feeds)}
             out = p(full)
@@ -720,8 +752,7 @@ class TvmArtifactBackend:
             cache = feeds[c]
             held = self._work.get(w)
             if held is None or held[0]() is not cache:
-                buf = held[1] if held is not None and held[1].shape == cache.shape else \
-                    _aligned_empty(cache.nbytes, cache.dtype, cache.shape)
+                buf = held[1] if held is not None and tuple(held[1].shape) == cache.shape else self._empty_like(cache)
                 self._work[w] = (weakref.ref(cache), buf)
                 stale = True
         out = {w: self._work[w][1] for w in p.working}

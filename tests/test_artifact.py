@@ -445,15 +445,22 @@ def test_backend_is_freed_without_the_cycle_collector(small):
         gc.enable()
 
 
-def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch):
+@pytest.mark.parametrize("uploads", [False, True], ids=["host", "device-resident"])
+def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch, uploads):
     """Edits scatter into working copies of the caches, put back before the next edit (the regions the last
     edit wrote, by block rows or whole maps; whole maps when the key changes): a sequence of edits of two
     keys, each restore path, a pass that fails after writing, all equal onnxruntime; the caches and earlier
-    results are never written."""
+    results are never written. ``device-resident`` runs the CUDA backend's data path on the CPU: inputs
+    uploaded, pass outputs kept on the device, working copies device tensors; caches are not uploaded
+    again by an edit."""
     import sige_export.artifact as art
 
     program, path = zoo_artifacts("ddpm-church256")
     manifest, backend = open_artifact(path)
+    backend._uploads = uploads
+    uploaded: list[int] = []
+    to_device = backend._to_device
+    monkeypatch.setattr(backend, "_to_device", lambda a: uploaded.append(id(a)) or to_device(a))
     edit = manifest["artifact"]["passes"]["edit"]
     works = {i["name"]: i["cache"] for i in edit["inputs"] if i["kind"] == "working_copy"}
     assert works and set(works.values()) <= {c["name"] for c in manifest["caches"]}
@@ -472,15 +479,32 @@ def test_working_copies_are_restored_between_edits(zoo_artifacts, monkeypatch):
                                                   (0, masks[2], 1e9), (1, masks[1], 0.0)]):
         monkeypatch.setattr(art, "RESTORE_FULL_FRACTION", fraction)  # region restore / whole-map restore
         edited = _edited(manifest, feeds[key], mask)
+        uploaded.clear()
         have = got.edit(**edited, mask=mask, key=key)
+        if uploads:  # the inputs, indices and scatter maps; never the caches (on the device since prime)
+            caches = {id(a) for a in got._entries[key].caches.values()}
+            assert uploaded and not caches & set(uploaded)
         assert got.last_edit.mode == "sparse"
         assert_close_relative(have, ref.edit(**edited, mask=mask, key=key), rel=REL, what=f"edit {step}")
         earlier.append((have, have.copy()))
     for have, snapshot in earlier:
         np.testing.assert_array_equal(have, snapshot)  # results do not alias a working copy
+    # an output fed back as an input (a sampling loop) is its value, not a working copy the next edit rewrote
+    src = manifest["mask"]["source"]
+    fed = {**feeds[1], src: earlier[-1][0]}
+    assert_close_relative(got.edit(**fed, mask=masks[0], key=1), ref.edit(**fed, mask=masks[0], key=1),
+                          rel=REL, what="edit of a fed-back output")
     for key in feeds:
         for n, a in got._entries[key].caches.items():
             np.testing.assert_array_equal(a, primed[key][n], err_msg=f"cache {n} of key {key} was written")
+    # a commit re-primes key 1 on the edited input (new caches): the next edit refills from them
+    edited = _edited(manifest, feeds[1], masks[0])
+    got.edit(**edited, mask=masks[0], key=1)
+    ref.edit(**edited, mask=masks[0], key=1)
+    assert got.commit(key=1) == ref.commit(key=1, exact=True) == "prime"
+    again = _edited(manifest, edited, masks[2])
+    assert_close_relative(got.edit(**again, mask=masks[2], key=1), ref.edit(**again, mask=masks[2], key=1),
+                          rel=REL, what="edit after a commit")
 
     # a pass that fails after writing its working copies: they are dropped and refilled from the caches
     edited = _edited(manifest, feeds[0], masks[0])
