@@ -285,10 +285,11 @@ def test_tile_moments_reads_concatenated_parts(split):
     (a, b, oa, ob), mean = (f32(*parts[k]) for k in ("a", "b", "oa", "ob")), f32(B, groups, 1)
     new, old = np.concatenate([a, b], 1), np.concatenate([oa, ob], 1)
     for n in COUNTS:
-        idx = gather_grid(n, block=tile, stride=tile, offset=(0, 0))
-        got = lib.run(a, b, oa, ob, idx, mean)
-        want = custom_ops.reference("SigeTileMoments", new, old, idx, mean, block=tile, groups=groups)
-        assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"SigeTileMoments N={n}")
+        for offset in ((0, 0), (1, 2)):  # tiles past the bottom/right border; also past the top/left one
+            idx = gather_grid(n, block=tile, stride=tile, offset=offset)
+            got = lib.run(a, b, oa, ob, idx, mean)
+            want = custom_ops.reference("SigeTileMoments", new, old, idx, mean, block=tile, groups=groups)
+            assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"SigeTileMoments N={n} offset={offset}")
 
 
 def test_fast_exp_sigmoid_accuracy():
@@ -446,3 +447,19 @@ def test_roof_measurements_are_plausible():
 
     assert 2.0 <= peak_gflops(threads=1, steps=1 << 14) < 1e5
     assert 0.1 <= read_bandwidth_gbs(threads=1, mib=16) < 1e4
+
+
+def test_reduction_over_no_blocks_is_zero():
+    """A reduction over a symbolic block count (the generic rule) is 0 for N = 0 on every call: its init runs
+    before the reduction loops, not inside them where N = 0 never enters (the output kept what the memory
+    pool held from an earlier call)."""
+    nodes = [custom_ops.make_node("SigeGather", ["x", "idx"], ["g"], block=[6, 6]),
+             helper.make_node("ReduceSum", ["g", "axes"], ["y"], keepdims=1)]
+    m = make_model(nodes, [vi("x", [B, C, H, W]), idx_type()], [vi("y", None)],
+                   [init("axes", np.array([0], np.int64))])
+    lib = compile_program(m, "host")
+    x = f32(B, C, H, W)
+    for n in (5, 0, 3, 0, 0):
+        idx = gather_grid(n)
+        want = custom_ops.reference("SigeGather", x, idx, block=[6, 6]).sum(0, keepdims=True)
+        assert_close(lib.run(x, idx), want, rtol=1e-5, atol=1e-5, what=f"sum over N={n} blocks")

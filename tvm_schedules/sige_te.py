@@ -231,17 +231,19 @@ def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1))
     return y
 
 
-def _moments_compute(B, groups: int, extents: Sequence, values, name: str) -> te.Tensor:
+def _moments_compute(B, groups: int, extents: Sequence, values, name: str, loads_in_bounds: bool = False) -> te.Tensor:
     """``[2, B, groups, 1]``: over reduce axes of ``extents`` (blocks, channels of a group, rows, columns), the
     sums of ``d = new - old`` and ``d * (new + old - 2 m)``; ``values(b, g, rn, rc, ri, rj)`` gives
-    ``(new, old, inside, m)`` (elements outside the image count 0)."""
+    ``(new, old, inside, m)`` (elements not ``inside`` count 0). ``loads_in_bounds``: the loads are valid
+    for every element, so the count is a select (vectorisable), not a guarded load."""
     axes = [te.reduce_axis((0, e), name=n) for n, e in zip(("rn", "rc", "ri", "rj"), extents)]
+    pick = tir.Select if loads_in_bounds else tir.if_then_else
 
     def term(s, b, g):
         new, old, inside, m = values(b, g, *axes)
         d = new - old
         v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
-        return tir.if_then_else(inside, v, tir.const(0.0, "float32"))
+        return pick(inside, v, tir.const(0.0, "float32"))
 
     return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=axes), name=name)
 
@@ -254,21 +256,29 @@ def tile_moments_te(x, original, indices: te.Tensor, mean: te.Tensor, *, block: 
     os_ = list(original) if isinstance(original, (list, tuple)) else [original]
     B, _, H, W = xs[0].shape
     per_group = sum(int(t.shape[1]) for t in xs) // int(groups)
+    th, tw = int(block[0]), int(block[1])
+    # A tile crossing the border is read through the window of its size shifted into the image: the same
+    # in-image elements (the sums ignore order) at addresses affine in the column, so rows vectorise.
+    shifted = int(H) >= th and int(W) >= tw
 
     def load(parts, b, c, h, w):
         return parts[0][b, c, h, w] if len(parts) == 1 else concat_load(parts, b, c, h, w)
 
     def values(b, g, rn, rc, ri, rj):
-        h = _i64(indices[rn, 0]) + ri
-        w = _i64(indices[rn, 1]) + rj
-        hc = tir.max(tir.min(h, H - 1), 0)
-        wc = tir.max(tir.min(w, W - 1), 0)
+        h0, w0 = _i64(indices[rn, 0]), _i64(indices[rn, 1])
         c = g * per_group + rc
-        return (load(xs, b, c, hc, wc), load(os_, b, c, hc, wc), tir.all(h >= 0, h < H, w >= 0, w < W),
-                mean[b, g, 0])
+        if shifted:
+            h = tir.max(tir.min(h0, H - th), 0) + ri
+            w = tir.max(tir.min(w0, W - tw), 0) + rj
+            inside = tir.all(h >= h0, h < h0 + th, w >= w0, w < w0 + tw)
+        else:
+            h, w = h0 + ri, w0 + rj
+            inside = tir.all(h >= 0, h < H, w >= 0, w < W)
+            h, w = tir.max(tir.min(h, H - 1), 0), tir.max(tir.min(w, W - 1), 0)
+        return load(xs, b, c, h, w), load(os_, b, c, h, w), inside, mean[b, g, 0]
 
-    return _moments_compute(B, groups, (indices.shape[0], per_group, int(block[0]), int(block[1])), values,
-                            "sige_tile_moments")
+    return _moments_compute(B, groups, (indices.shape[0], per_group, th, tw), values, "sige_tile_moments",
+                            loads_in_bounds=True)
 
 
 def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=None, shift=None, *,

@@ -21,6 +21,7 @@ the first match wins, like ``s_tir.dlight``):
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import tvm
@@ -628,9 +629,12 @@ class GroupMoments(ScheduleRule):
         sch.parallel(task)
         sch.reverse_compute_at(block, task)
         sch.set_scope(rf, 0, "local")
+        if _func_op(func) == "SigeTileMoments":  # its loads are affine in the column (sige_te.tile_moments_te)
+            sch.vectorize(rj)
+        else:
+            sch.unroll(rj)
         sch.decompose_reduction(rf, rn)
         sch.unroll(s)
-        sch.unroll(rj)
         return sch
 
 
@@ -682,10 +686,19 @@ class Generic(ScheduleRule):
         for b in _root_blocks(sch):
             if sch.get(b).name_hint in done | small or sch.get(b).name_hint.endswith("_rf"):
                 continue
+            types = _iter_types(sch, b)
+            n_reduce = len(types) - len(list(itertools.takewhile(lambda t: t == DATA_PAR, types)))
             try:
                 _parallel_vectorize(sch, b, lanes)
             except Exception:
                 pass
+            if n_reduce and all(t == COMM_REDUCE for t in types[-n_reduce:]):
+                # the init before the reduction loops: inside them it would never run for an extent of 0
+                # (a grid without active blocks) and the output would keep what the memory pool held
+                try:
+                    sch.decompose_reduction(b, sch.get_loops(b)[-n_reduce])
+                except Exception:
+                    pass
         return sch
 
 
