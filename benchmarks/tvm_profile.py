@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 
 
+RUNS = 3
+
+
 def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict, threads: int, top: int,
              passes=("prime", "edit"), quiet: bool = False) -> dict:
-    """Per-PrimFunc profile of the prime and edit executables (Relax VM profiler); returns
+    """Per-PrimFunc profile of the prime and edit executables (Relax VM instrumentation, the median of ``RUNS``
+    instrumented runs per function); returns
     ``{pass: [{"name", "ms", "calls", "gflop", "gflops", "shapes", "flop_per_byte"}]}`` (every function, slowest
     first; ``flop_per_byte``: :func:`kernel_flops` over :func:`kernel_bytes`, conv and matmul calls)."""
     import tarfile
@@ -59,11 +63,19 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
                 a[4] += kernel_bytes(sym, cargs)
                 return 0
 
+            # the median of RUNS instrumented runs per function (the machine is shared: one run is noisy)
+            runs: list[dict[str, list]] = []
+            walls = []
             vm.set_instrument(instrument)
-            t0 = time.perf_counter()
-            vm["main"](*args)
-            wall = time.perf_counter() - t0
+            for _ in range(RUNS):
+                agg.clear()
+                t0 = time.perf_counter()
+                vm["main"](*args)
+                walls.append(time.perf_counter() - t0)
+                runs.append({k: list(v) for k, v in agg.items()})
             vm.set_instrument(None)
+            wall = float(np.median(walls))
+            agg = {k: [float(np.median([r[k][0] for r in runs if k in r]))] + v[1:] for k, v in runs[0].items()}
             total = sum(v[0] for k, v in agg.items() if not k.startswith("vm."))
             result[pname] = [{"name": k, "ms": v[0] * 1e3, "calls": v[1], "gflop": v[2] / 1e9,
                               "gflops": (v[2] / v[0] / 1e9) if v[2] and v[0] else None, "shapes": v[3],

@@ -387,48 +387,23 @@ def test_conv_of_gathered_concat_is_one_sparse_conv():
         assert_close(lib.run(a, b, idx, sa, ta, tb), want, rtol=1e-4, atol=1e-4, what=f"gathered concat conv N={n}")
 
 
-def test_conv_of_scatter_gather_is_one_sparse_conv():
-    """Conv(SigeScatterGather(...)) -- the next conv of a residual block -- compiles to one sparse conv that
-    gathers from the virtual scatter per tile, and equals the reference."""
-    co = 16
-    w, bias = f32(co, C, 3, 3) * 0.2, f32(co)
-    attrs = dict(block=[6, 6], activation="silu")
-    nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale", "shift"], ["g"], **attrs),
-             helper.make_node("Conv", ["g", "w", "bias"], ["y"])]
-    inputs = [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),
-              idx_type(), vi("scale", [C, 1, 1]), vi("shift", [1, C, 1, 1])]
-    m = make_model(nodes, inputs, [vi("y", None)], [init("w", w), init("bias", bias)])
-    lib = compile_program(m, "host", {"blocks": ("BN1", C, 4, 4)})
-    names = [n for n, _, _ in lib.schedule_log]
-    assert names.count("sige_sparse_conv2d") == 1 and not any(n.startswith("sige_scatter_gather") for n in names), names
-    base, sc, sh = f32(B, C, Ho, Wo), f32(C, 1, 1), f32(1, C, 1, 1)
-    for n1, n2 in [(4, 3), (0, 2), (3, 0)]:
-        sidx = gather_grid(n1)
-        blocks = f32(B * sidx.shape[0], C, 4, 4)
-        smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
-        gidx = gather_grid(n2)
-        g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
-        assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias), rtol=1e-4, atol=1e-4,
-                     what=f"scatter-gather conv N1={n1} N2={n2}")
-
-
-
-@pytest.mark.parametrize("activation", ["identity", "silu"])
-def test_depthwise_conv_of_scatter_gather_is_one_sparse_conv(activation):
-    """A depthwise Conv of a SigeScatterGather (separable convs of GAN Compression) fuses into one sparse conv
-    scheduled channels-innermost (the gather computed per vector of channels), equal to the reference."""
-    c = 32
-    w, bias = f32(c, 1, 3, 3), f32(c)
+@pytest.mark.parametrize("kind,activation", [("dense", "silu"), ("depthwise", "identity"), ("depthwise", "silu")])
+def test_conv_of_scatter_gather_is_one_sparse_conv(kind, activation):
+    """Conv(SigeScatterGather(...)) -- the next conv of a residual block, or a depthwise one (separable convs
+    of GAN Compression) -- compiles to one sparse conv that gathers from the virtual scatter per tile (depthwise:
+    per vector of channels, channels innermost), and equals the reference."""
+    c, co, group = (C, 16, 1) if kind == "dense" else (32, 32, 32)
+    w, bias = f32(co, c // group, 3, 3) * 0.2, f32(co)
     attrs = dict(block=[6, 6], activation=activation)
     nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale", "shift"], ["g"], **attrs),
-             helper.make_node("Conv", ["g", "w", "bias"], ["y"], group=c)]
+             helper.make_node("Conv", ["g", "w", "bias"], ["y"], group=group)]
     inputs = [vi("blocks", ["BN1", c, 4, 4]), vi("base", [B, c, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),
               idx_type(), vi("scale", [c, 1, 1]), vi("shift", [1, c, 1, 1])]
     m = make_model(nodes, inputs, [vi("y", None)], [init("w", w), init("bias", bias)])
     lib = compile_program(m, "host", {"blocks": ("BN1", c, 4, 4)})
     names = [n for n, _, _ in lib.schedule_log]
     assert names.count("sige_sparse_conv2d") == 1 and not any(n.startswith("sige_scatter_gather") for n in names), names
-    if c % vector_lanes(get_target("host").tvm_target()) == 0:
+    if kind == "depthwise" and c % vector_lanes(get_target("host").tvm_target()) == 0:
         assert ("sige_sparse_conv2d", "cpu.depthwise_blocks", "ok") in lib.schedule_log, lib.schedule_log
     base, sc, sh = f32(B, c, Ho, Wo), f32(c, 1, 1), f32(1, c, 1, 1)
     for n1, n2 in [(4, 3), (0, 2), (3, 0), (7, 9)]:
@@ -437,8 +412,8 @@ def test_depthwise_conv_of_scatter_gather_is_one_sparse_conv(activation):
         smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
         gidx = gather_grid(n2)
         g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
-        assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=c), rtol=1e-4, atol=1e-4,
-                     what=f"scatter-gather depthwise conv N1={n1} N2={n2}")
+        assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=group), rtol=1e-4,
+                     atol=1e-4, what=f"scatter-gather {kind} conv N1={n1} N2={n2}")
 
 def test_roof_measurements_are_plausible():
     """The roofs of the benchmarks' roofline (tvm_schedules.bench): an FMA peak and a streaming read bandwidth,

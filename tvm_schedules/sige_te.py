@@ -355,17 +355,34 @@ def copy_primfunc(B, C, Ho, Wo):
     return copy
 
 
-def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, shortcut=None):
-    """SigeScatter (``shortcut is None``) / SigeScatterWithBlockResidual, in place on argument 1 (``y``, equal
-    to ``base`` on entry: ``R.call_tir_inplace``): only the blocks are written. ``y`` is a fresh copy of the
-    base (:func:`copy_primfunc`) or a working copy of a cached base that :func:`restore_primfunc` puts back
-    after the pass. Arguments: blocks, y, indices[, residual] (SigeScatter); blocks, y, indices,
-    shortcut_blocks, shortcut_base, shortcut_indices (with block residual).
-
-    One block row per iteration: a row inside the image is one vector store (the bounds are checked per
-    element only in rows that cross the border)."""
+def _block_row_macro():
+    """TVMScript macro: ``dst[b, c, r, q + j] = value(j)`` for ``j < width`` inside ``[0, Ho) x [0, Wo)``; a row
+    inside the image is one vector store, a row crossing the border checks each element."""
     from tvm.script import tirx as T
 
+    @T.macro(hygienic=False)
+    def block_row(dst, b_, c_, r_, q_, width, Ho_, Wo_, value):
+        if r_ >= 0 and r_ < Ho_:
+            if q_ >= 0 and q_ + width <= Wo_:
+                for j_ in T.vectorized(width):
+                    dst[b_, c_, r_, q_ + j_] = value(j_)
+            else:
+                for j_ in range(width):
+                    if q_ + j_ >= 0 and q_ + j_ < Wo_:
+                        dst[b_, c_, r_, q_ + j_] = value(j_)
+
+    return block_row
+
+
+def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, shortcut=None):
+    """SigeScatter (``shortcut is None``) / SigeScatterWithBlockResidual, in place on argument 1 (``y``, equal
+    to ``base`` on entry: ``R.call_tir_inplace``): only the blocks are written, one block row at a time.
+    ``y`` is a fresh copy of the base (:func:`copy_primfunc`) or a working copy of a cached base that
+    :func:`restore_primfunc` puts back. Arguments: blocks, y, indices[, residual] (SigeScatter); blocks, y,
+    indices, shortcut_blocks, shortcut_base, shortcut_indices (with block residual)."""
+    from tvm.script import tirx as T
+
+    block_row = _block_row_macro()
     B, C, Ho, Wo, ph, pw = (int(v) for v in (B, C, Ho, Wo, ph, pw))
     oh, ow = (int(v) for v in offset)
     sh, sw = (int(v) for v in stride)
@@ -384,14 +401,7 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                     T.writes(y[vb, vc, 0:Ho, 0:Wo])
                     r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
                     q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
-                    if r >= 0 and r < Ho:
-                        if q >= 0 and q + pw <= Wo:
-                            for j in T.vectorized(pw):
-                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j]
-                        else:
-                            for j in range(pw):
-                                if q + j >= 0 and q + j < Wo:
-                                    y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j]
+                    block_row(y, vb, vc, r, q, pw, Ho, Wo, lambda j: blocks[vb * N + vn, vc, vi, j])
         return scatter
 
     if shortcut is None:
@@ -409,14 +419,8 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                     T.writes(y[vb, vc, 0:Ho, 0:Wo])
                     r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
                     q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
-                    if r >= 0 and r < Ho:
-                        if q >= 0 and q + pw <= Wo:
-                            for j in T.vectorized(pw):
-                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + residual[vb, vc, r, q + j]
-                        else:
-                            for j in range(pw):
-                                if q + j >= 0 and q + j < Wo:
-                                    y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + residual[vb, vc, r, q + j]
+                    block_row(y, vb, vc, r, q, pw, Ho, Wo,
+                              lambda j: blocks[vb * N + vn, vc, vi, j] + residual[vb, vc, r, q + j])
         return scatter_res
 
     sph, spw, soff, sstr = shortcut
@@ -441,14 +445,8 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                 T.writes(y[vb, vc, 0:Ho, 0:Wo])
                 r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
                 q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
-                if r >= 0 and r < Ho:
-                    if q >= 0 and q + pw <= Wo:
-                        for j in T.vectorized(pw):
-                            y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + sbase[vb, vc, r, q + j]
-                    else:
-                        for j in range(pw):
-                            if q + j >= 0 and q + j < Wo:
-                                y[vb, vc, r, q + j] = blocks[vb * N + vn, vc, vi, j] + sbase[vb, vc, r, q + j]
+                block_row(y, vb, vc, r, q, pw, Ho, Wo,
+                          lambda j: blocks[vb * N + vn, vc, vi, j] + sbase[vb, vc, r, q + j])
         for b, m, c, i in T.grid(B, M, C, sph):
             with T.sblock("sige_shortcut"):
                 vb, vm, vc, vi = T.axis.remap("SSSS", [b, m, c, i])
@@ -459,15 +457,8 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
                 T.writes(y[vb, vc, 0:Ho, 0:Wo])
                 r = T.floordiv(T.Cast("int64", sidx[vm, 0]) + soh, ssh) + vi
                 q = T.floordiv(T.Cast("int64", sidx[vm, 1]) + sow, ssw)
-                if r >= 0 and r < Ho:
-                    if q >= 0 and q + spw <= Wo:
-                        for j in T.vectorized(spw):
-                            y[vb, vc, r, q + j] = y[vb, vc, r, q + j] + sblocks[vb * M + vm, vc, vi, j] - sbase[vb, vc, r, q + j]
-                    else:
-                        for j in range(spw):
-                            if q + j >= 0 and q + j < Wo:
-                                y[vb, vc, r, q + j] = (y[vb, vc, r, q + j] + sblocks[vb * M + vm, vc, vi, j]
-                                                       - sbase[vb, vc, r, q + j])
+                block_row(y, vb, vc, r, q, spw, Ho, Wo,
+                          lambda j: y[vb, vc, r, q + j] + sblocks[vb * M + vm, vc, vi, j] - sbase[vb, vc, r, q + j])
     return scatter_block_res
 
 
@@ -477,6 +468,7 @@ def restore_primfunc(B, C, Ho, Wo, ph, pw, offset, stride):
     indices). Blocks are read through ``indices`` only: no blocks tensor, so any ``N`` works."""
     from tvm.script import tirx as T
 
+    block_row = _block_row_macro()
     B, C, Ho, Wo, ph, pw = (int(v) for v in (B, C, Ho, Wo, ph, pw))
     oh, ow = (int(v) for v in offset)
     sh, sw = (int(v) for v in stride)
@@ -494,12 +486,5 @@ def restore_primfunc(B, C, Ho, Wo, ph, pw, offset, stride):
                 T.writes(work[vb, vc, 0:Ho, 0:Wo])
                 r = T.floordiv(T.Cast("int64", idx[vn, 0]) + oh, sh) + vi
                 q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
-                if r >= 0 and r < Ho:
-                    if q >= 0 and q + pw <= Wo:
-                        for j in T.vectorized(pw):
-                            work[vb, vc, r, q + j] = cache[vb, vc, r, q + j]
-                    else:
-                        for j in range(pw):
-                            if q + j >= 0 and q + j < Wo:
-                                work[vb, vc, r, q + j] = cache[vb, vc, r, q + j]
+                block_row(work, vb, vc, r, q, pw, Ho, Wo, lambda j: cache[vb, vc, r, q + j])
     return restore
