@@ -92,7 +92,7 @@ def bench_model(model: str, a, log) -> dict:
 
     from tvm_profile import profile_passes
     from sige_export.artifact import open_artifact
-    from sige_export.edits import synthetic_mask
+    from sige_export.edits import apply_edit, synthetic_mask
     from sige_export.fidelity import edit_macs
     from sige_export.macs import count_macs
     from sige_export.program import SigeProgram
@@ -142,8 +142,7 @@ def bench_model(model: str, a, log) -> dict:
     for r in a.ratios:
         mask = synthetic_mask("blob", res, r, seed=0)
         idx = engine.edit_feeds(mask)
-        edited = dict(feeds)
-        edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
+        edited = {**feeds, src: apply_edit(feeds[src], mask)}
         full = engine._edit_inputs(entry, edited, idx)
         t_edit = _median(lambda: backend.edit(full), a.edit_reps)
         t_e2e = _median(lambda: engine.edit(**edited, mask=mask), max(3, a.edit_reps // 3))
@@ -203,7 +202,7 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
         sess.run(None, {k: v for k, v in feeds.items() if k in names})
         return {"ort_dense_peak_rss": _vm_hwm()}
     from sige_export.artifact import open_artifact
-    from sige_export.edits import synthetic_mask
+    from sige_export.edits import apply_edit, synthetic_mask
     from sige_export.program import SigeProgram
     from sige_export.runtime import Engine
 
@@ -216,8 +215,7 @@ def memory_child(kind: str, model: str, workdir: Path, threads: int, ratio: floa
     caches = sum(int(np.asarray(v).nbytes) for v in engine._entry(None).caches.values())
     mask = synthetic_mask("blob", tuple(manifest["mask"]["resolution"]), ratio, seed=0)
     src = manifest["mask"]["source"]
-    edited = dict(feeds)
-    edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
+    edited = {**feeds, src: apply_edit(feeds[src], mask)}
     engine.edit(**edited, mask=mask)  # warm
     _reset_hwm()
     engine.edit(**edited, mask=mask)

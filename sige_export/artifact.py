@@ -219,10 +219,10 @@ def build_artifact(program, target: str, output: str | os.PathLike,
                 + (f"; UNSCHEDULED {unscheduled}" if unscheduled else "") + ")")
             entry: dict[str, Any] = {"inputs": _pass_inputs(lifted, params, {**kinds, **dict.fromkeys(working, "working_copy")}),
                                      "params": params, "outputs": list(man[pname]["outputs"])}
+            for spec_ in entry["inputs"]:
+                if spec_["name"] in working:
+                    spec_["cache"] = working[spec_["name"]]
             if working:
-                for spec_ in entry["inputs"]:
-                    if spec_["name"] in working:
-                        spec_["cache"] = working[spec_["name"]]
                 entry["restore"] = lib.restore
             if spec.family == "arm":
                 objtar = tmp / f"{pname}.objects.tar"
@@ -673,22 +673,21 @@ class TvmArtifactBackend:
         self.input_names = {k: p.inputs for k, p in self._passes.items()}
 
     # -- device helpers
-    def _to_device(self, a: np.ndarray):
+    def _alloc(self, shape, dtype, device):
         ffi = self._ffi
-        src = ffi.from_dlpack(np.ascontiguousarray(a))
-        alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
-        copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
-        dst = alloc(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)), self.device, None)
-        copy(src, dst)
+        return ffi.get_global_func("runtime.TVMTensorAllocWithScope")(ffi.Shape(shape), ffi.dtype(str(dtype)), device,
+                                                                      None)
+
+    def _to_device(self, a: np.ndarray):
+        dst = self._alloc(a.shape, a.dtype, self.device)
+        self._ffi.get_global_func("runtime.TVMTensorCopyFromTo")(self._ffi.from_dlpack(np.ascontiguousarray(a)), dst)
         return dst
 
     def _empty_like(self, a: np.ndarray):
         """An uninitialised buffer shaped like ``a`` where the passes read their inputs."""
         if not self._uploads:
             return _aligned_empty(a.nbytes, a.dtype, a.shape)
-        ffi = self._ffi
-        return ffi.get_global_func("runtime.TVMTensorAllocWithScope")(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)),
-                                                                      self.device, None)
+        return self._alloc(a.shape, a.dtype, self.device)
 
     def _device_arg(self, a):
         """``a`` on the device: a device tensor as it is, the resident copy of a pass output, else an upload."""
@@ -713,7 +712,7 @@ class TvmArtifactBackend:
     def _to_numpy(self, o, inputs):
         if self._uploads:
             ffi = self._ffi
-            host = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(o.shape, o.dtype, ffi.device("cpu", 0), None)
+            host = self._alloc(o.shape, o.dtype, ffi.device("cpu", 0))
             ffi.get_global_func("runtime.TVMTensorCopyFromTo")(o, host)
             a = np.from_dlpack(host)
             if not any(isinstance(x, ffi.Tensor) and x.data_ptr() == o.data_ptr() for x in inputs):

@@ -552,7 +552,8 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
 
 
 def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None, *,
-                   keep_params_in_input: bool = False, packed_weights=(), working_copies: Mapping[str, str] | None = None):
+                   keep_params_in_input: bool = False, packed_weights=(),
+                   working_copies: Mapping[str, str] | None = None):
     """Import a SIGE ONNX model into a Relax ``IRModule`` (function ``main``; ``restore`` too when the model
     has working copies: ``working_copies`` is the map :func:`with_working_copies` returned).
 
@@ -599,12 +600,11 @@ def with_working_copies(model: onnx.ModelProto, min_bytes: int | None = None) ->
     """The edit pass with its scatters into cached inputs writing into working copies, in place.
 
     A ``SigeScatter`` / ``SigeScatterWithBlockResidual`` whose ``base`` is a graph input of at least
-    ``min_bytes`` used as the base of no other scatter gets a new graph input ``<base>#work`` (same type, inserted after the existing inputs)
-    as its base and the attribute ``IN_PLACE_ATTR``: the import writes only its blocks into that tensor
-    instead of copying the whole base, and adds a function ``restore`` that copies the cache back over the
-    regions written. The caller keeps one working copy per cache, equal to it before each ``main`` call,
-    and calls ``restore`` after. Maps under ``min_bytes`` (default ``WORKING_COPY_MIN_BYTES``) keep the copy.
-    Returns ``(model, {working-copy input: cache input})``."""
+    ``min_bytes`` (default ``WORKING_COPY_MIN_BYTES``) used as the base of no other scatter gets a new graph
+    input ``<base>#work`` (same type) as its base and the attribute ``IN_PLACE_ATTR``: the import writes only
+    its blocks into that tensor instead of copying the whole base, and adds ``restore`` / ``restore_full``
+    (:func:`_with_restore`). The caller keeps one working copy per cache and makes it equal to the cache
+    before each ``main`` call with them. Returns ``(model, {working-copy input: cache input})``."""
     min_bytes = WORKING_COPY_MIN_BYTES if min_bytes is None else min_bytes
     inputs = {i.name: i for i in model.graph.input}
     init = {t.name for t in model.graph.initializer}
@@ -682,7 +682,8 @@ def _with_restore(mod, regions: list[dict]):
     with bb.function("restore", maps + [var[i] for i in idxs], attrs={"sige.restore_regions": info}):
         cur = {w: var[w] for w in works}
         for r in regions:
-            gv = bb.add_func(sige_te.restore_primfunc(*r["shape"], *r["block"], r["offset"], r["stride"]), "sige_restore")
+            func = sige_te.restore_primfunc(*r["shape"], *r["block"], r["offset"], r["stride"])
+            gv = bb.add_func(func, "sige_restore")
             cur[r["work"]] = bb.emit(relax.call_tir_inplace(
                 gv, relax.Tuple([cur[r["work"]], var[r["cache"]], var[r["indices"]]]), [0],
                 relax.TensorType(r["shape"], "float32")))

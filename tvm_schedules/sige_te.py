@@ -231,19 +231,18 @@ def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1))
     return y
 
 
-def _moments_compute(B, groups: int, extents: Sequence, values, name: str, loads_in_bounds: bool = False) -> te.Tensor:
+def _moments_compute(B, groups: int, extents: Sequence, values, name: str) -> te.Tensor:
     """``[2, B, groups, 1]``: over reduce axes of ``extents`` (blocks, channels of a group, rows, columns), the
     sums of ``d = new - old`` and ``d * (new + old - 2 m)``; ``values(b, g, rn, rc, ri, rj)`` gives
-    ``(new, old, inside, m)`` (elements not ``inside`` count 0). ``loads_in_bounds``: the loads are valid
-    for every element, so the count is a select (vectorisable), not a guarded load."""
+    ``(new, old, inside, m)`` (elements not ``inside`` count 0) with loads valid for every element, so the
+    count is a select (vectorisable), not a guarded load."""
     axes = [te.reduce_axis((0, e), name=n) for n, e in zip(("rn", "rc", "ri", "rj"), extents)]
-    pick = tir.Select if loads_in_bounds else tir.if_then_else
 
     def term(s, b, g):
         new, old, inside, m = values(b, g, *axes)
         d = new - old
         v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
-        return pick(inside, v, tir.const(0.0, "float32"))
+        return tir.Select(inside, v, tir.const(0.0, "float32"))
 
     return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=axes), name=name)
 
@@ -277,8 +276,7 @@ def tile_moments_te(x, original, indices: te.Tensor, mean: te.Tensor, *, block: 
             h, w = tir.max(tir.min(h, H - 1), 0), tir.max(tir.min(w, W - 1), 0)
         return load(xs, b, c, h, w), load(os_, b, c, h, w), inside, mean[b, g, 0]
 
-    return _moments_compute(B, groups, (indices.shape[0], per_group, th, tw), values, "sige_tile_moments",
-                            loads_in_bounds=True)
+    return _moments_compute(B, groups, (indices.shape[0], per_group, th, tw), values, "sige_tile_moments")
 
 
 def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=None, shift=None, *,

@@ -15,6 +15,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def primed_subject(path, ratio: float, keys=(None,)):
+    """``(manifest, backend, engine, mask, {key: (inputs, edited inputs)})`` of an artifact primed under each of
+    ``keys`` (the inputs of key k scaled by 0.9 ** k) for a blob edit of ``ratio``."""
+    from sige_export.artifact import open_artifact
+    from sige_export.bench import synthetic_inputs
+    from sige_export.edits import apply_edit, synthetic_mask
+    from sige_export.program import SigeProgram
+    from sige_export.runtime import Engine
+
+    man, be = open_artifact(path, verify=False)
+    eng = Engine(SigeProgram(None, man), be)
+    mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), ratio, seed=0)
+    src = man["mask"]["source"]
+    base = synthetic_inputs(man)
+    inputs = {}
+    for k, key in enumerate(keys):
+        feeds = {n: (v * 0.9 ** k if v.dtype.kind == "f" else v) for n, v in base.items()}
+        eng.prime(**feeds, key=key)
+        inputs[key] = (feeds, {**feeds, src: apply_edit(feeds[src], mask)})
+    return man, be, eng, mask, inputs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("artifacts", nargs="+")
@@ -25,22 +47,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    from sige_export.artifact import open_artifact
-    from sige_export.bench import synthetic_inputs
-    from sige_export.edits import synthetic_mask
-    from sige_export.program import SigeProgram
-    from sige_export.runtime import Engine
 
     subj = []
     for p in a.artifacts:
-        man, be = open_artifact(p, verify=False)
-        eng = Engine(SigeProgram(None, man), be)
-        feeds = synthetic_inputs(man)
-        out = eng.prime(**feeds)
-        mask = synthetic_mask("blob", tuple(man["mask"]["resolution"]), a.ratio, seed=0)
-        src = man["mask"]["source"]
-        edited = dict(feeds)
-        edited[src] = np.ascontiguousarray(feeds[src] + np.broadcast_to(mask, feeds[src].shape).astype(np.float32) * 0.5)
+        man, be, eng, mask, inputs = primed_subject(p, a.ratio)
+        feeds, edited = inputs[None]
+        out = eng._entry(None).outputs[man["outputs"][0]]
         full = eng._edit_inputs(eng._entry(None), edited, eng.edit_feeds(mask))
         y = be.edit(full)
         subj.append((p, be, feeds, full, out, y[man["edit"]["outputs"][0]], man))

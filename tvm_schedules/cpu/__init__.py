@@ -1,7 +1,7 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
-Rules (``default_rules`` tries SigeGatherScatter, GroupMoments, DepthwiseConv2d, Conv2dNCHW, Matmul, Generic;
-the first match wins, like ``s_tir.dlight``):
+Rules (``default_rules`` tries SigeGatherScatter, GroupMoments, DepthwiseConv2d, DepthwiseBlocks, Conv2dNCHW,
+Matmul, Generic; the first match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
   ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
@@ -10,6 +10,8 @@ the first match wins, like ``s_tir.dlight``):
   a stack buffer (the gather is never materialised), tiles run in parallel.
 * ``DepthwiseConv2d`` -- depthwise convs over wide images: vectorised along output rows (tried before
   ``Conv2dNCHW``, whose channel vectors would gather across planes).
+* ``DepthwiseBlocks`` -- depthwise convs over gathered blocks (fused with a ``SigeScatterGather``) and tiny
+  maps: a vector of channels per task, the tile stored channels-innermost.
 * ``Matmul``      -- ``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]``-like 1-reduction blocks with a
   static vectorisable ``j``: register-blocked ``4 x V``.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
@@ -611,8 +613,8 @@ class SigeGatherScatter(ScheduleRule):
 
 class GroupMoments(ScheduleRule):
     """SigeTileMoments / SigeScatterMoments: one (batch, group) per parallel task; both sums in one pass over
-    its tiles (blocks), into partial sums per tile column and sum (2 x bw accumulators: fully unrolled, LLVM
-    keeps them in vector registers)."""
+    its tiles (blocks), into partial sums per tile column and sum (2 x bw accumulators in vector registers:
+    a vector over the tile row for SigeTileMoments, unrolled for SigeScatterMoments)."""
 
     name = "cpu.group_moments"
     OPS = ("SigeTileMoments", "SigeScatterMoments")
@@ -748,8 +750,9 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 
 def default_rules():
-    return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), Conv2dNCHW(), Matmul(), Generic()]
+    return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), Conv2dNCHW(), Matmul(),
+            Generic()]
 
 
-__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic", "default_rules",
-           "vector_lanes"]
+__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic",
+           "default_rules", "vector_lanes"]
