@@ -145,17 +145,25 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
     N = indices.shape[0]
     bh, bw = int(block[0]), int(block[1])
 
+    def load(part: PreOp, b, c, h, w):
+        xv = x[b, c, h, w] if len(xs) == 1 else concat_load(xs, b, c, h, w)
+        return _apply_pre(xv, part, scale, shift, (b, c, h, w))
+
     def f(part: PreOp, bn, c, i, j):
         b = tir.floordiv(bn, N)
         n = tir.floormod(bn, N)
-        h = _i64(indices[n, 0]) + i
-        w = _i64(indices[n, 1]) + j
+        h0, w0 = _i64(indices[n, 0]), _i64(indices[n, 1])
+        h, w = h0 + i, w0 + j
+        # Two paths, chosen per block: a block inside the image loads at addresses affine in the column (a row
+        # vectorises); one crossing the border loads clamped (always valid) addresses and zeroes the outside
+        # by a multiply (a guarded load or a select would stop the row from vectorising, and the simplifier
+        # would drop the clamps of a select's loads).
+        interior = tir.all(h0 >= 0, h0 + bh <= H, w0 >= 0, w0 + bw <= W)
         inside = tir.all(h >= 0, h < H, w >= 0, w < W)
         hc = tir.max(tir.min(h, H - 1), 0)
         wc = tir.max(tir.min(w, W - 1), 0)
-        xv = x[b, c, hc, wc] if len(xs) == 1 else concat_load(xs, b, c, hc, wc)
-        v = _apply_pre(xv, part, scale, shift, (b, c, hc, wc))
-        return tir.if_then_else(inside, v, tir.const(0.0, x.dtype))
+        border = load(part, b, c, hc, wc) * tir.Cast(x.dtype, inside)
+        return tir.if_then_else(interior, load(part, b, c, h, w), border)
 
     return _gather_compute((B * N, C, bh, bw), f, pre, name)
 
