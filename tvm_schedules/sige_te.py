@@ -250,7 +250,9 @@ def _moments_compute(B, groups: int, extents: Sequence, values, name: str) -> te
         new, old, inside, m = values(b, g, *axes)
         d = new - old
         v = tir.if_then_else(s == 0, d, d * (new + old - m - m))
-        return tir.Select(inside, v, tir.const(0.0, "float32"))
+        # a multiply, not a select: under a select's condition the simplifier drops the clamps that keep the
+        # loads of elements outside the image valid
+        return v * tir.Cast("float32", inside)
 
     return te.compute((2, B, int(groups), 1), lambda s, b, g, u: te.sum(term(s, b, g), axis=axes), name=name)
 
@@ -299,11 +301,16 @@ def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=
 
     def values(b, g, rn, rc, ri, rj):
         c = g * per_group + rc
-        r = tir.floordiv(_i64(indices[rn, 0]) + oh, sh) + ri
-        q = tir.floordiv(_i64(indices[rn, 1]) + ow, sw) + rj
+        r0 = tir.floordiv(_i64(indices[rn, 0]) + oh, sh)
+        q0 = tir.floordiv(_i64(indices[rn, 1]) + ow, sw)
+        r, q = r0 + ri, q0 + rj
         at = (b, c, tir.const(0, "int64"), tir.const(0, "int64"))
         new = blocks[b * N + rn, c, ri, rj]
-        old = base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)]
+        # a block inside the image reads its base rows at addresses affine in the column (vectorised); one
+        # crossing the border reads clamped addresses (always valid; the outside counts 0)
+        interior = tir.all(r0 >= 0, r0 + int(blocks.shape[2]) <= Ho, q0 >= 0, q0 + int(blocks.shape[3]) <= Wo)
+        old = tir.if_then_else(interior, base[b, c, r, q],
+                               base[b, c, tir.max(tir.min(r, Ho - 1), 0), tir.max(tir.min(q, Wo - 1), 0)])
         if scale is not None:
             new, old = new * _bcast(scale, at), old * _bcast(scale, at)
         if shift is not None:

@@ -641,10 +641,7 @@ class GroupMoments(ScheduleRule):
         sch.parallel(task)
         sch.reverse_compute_at(block, task)
         sch.set_scope(rf, 0, "local")
-        if _func_op(func) == "SigeTileMoments":  # its loads are affine in the column (sige_te.tile_moments_te)
-            sch.vectorize(rj)
-        else:
-            sch.unroll(rj)
+        sch.vectorize(rj)  # loads affine in the column (sige_te.tile_moments_te, scatter_moments_te)
         sch.decompose_reduction(rf, rn)
         sch.unroll(s)
         return sch
