@@ -71,14 +71,16 @@ def _cases():
            {"x": (B, C, H, W)}, [x, gidx, sc, sh],
            custom_ops.reference("SigeSparseConv2d", x, gidx, w, None, sc, sh, **pre))
 
-    for group in (1, C):  # the next conv of a residual block; a depthwise conv (cpu.depthwise_blocks)
-        w = f(C, C // group, 3, 3) * 0.2
+    # the next conv of a residual block; a depthwise conv (cpu.depthwise_blocks); a pointwise one
+    for group, k in ((1, 3), (C, 3), (1, 1)):
+        w = f(C, C // group, k, k) * 0.2
+        pre = dict(block=[k + 3, k + 3], activation="silu")
         nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "sc", "sh"], ["g"], **pre),
                  helper.make_node("Conv", ["g", "w"], ["y"], group=group)]
         inputs = [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, H, W]), vi("smap", [H, W], TensorProto.INT32),
                   idx_vi, vi("sc", [1, C, 1, 1]), vi("sh", [1, C, 1, 1])]
         g = custom_ops.reference("SigeScatterGather", blocks, x, smap, gidx, sc, sh, **pre)
-        yield (f"conv(SigeScatterGather) group={group}", make_model(nodes, inputs, [vi("y", None)], [init("w", w)]),
+        yield (f"conv{k}x{k}(SigeScatterGather) group={group}", make_model(nodes, inputs, [vi("y", None)], [init("w", w)]),
                {"blocks": ("BN1", C, 4, 4)}, [blocks, x, smap, gidx, sc, sh], ref_conv(g, w, group=group))
 
     node = custom_ops.make_node("SigeScatter", ["blocks", "base", "idx"], ["y"], offset=[1, 1], stride=[1, 1])

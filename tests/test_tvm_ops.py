@@ -387,14 +387,16 @@ def test_conv_of_gathered_concat_is_one_sparse_conv():
         assert_close(lib.run(a, b, idx, sa, ta, tb), want, rtol=1e-4, atol=1e-4, what=f"gathered concat conv N={n}")
 
 
-@pytest.mark.parametrize("kind,activation", [("dense", "silu"), ("depthwise", "identity"), ("depthwise", "silu")])
+@pytest.mark.parametrize("kind,activation", [("dense", "silu"), ("depthwise", "identity"), ("depthwise", "silu"),
+                                             ("pointwise", "silu")])
 def test_conv_of_scatter_gather_is_one_sparse_conv(kind, activation):
-    """Conv(SigeScatterGather(...)) -- the next conv of a residual block, or a depthwise one (separable convs
-    of GAN Compression) -- compiles to one sparse conv that gathers from the virtual scatter per tile (depthwise:
-    per vector of channels, channels innermost), and equals the reference."""
-    c, co, group = (C, 16, 1) if kind == "dense" else (32, 32, 32)
-    w, bias = f32(co, c // group, 3, 3) * 0.2, f32(co)
-    attrs = dict(block=[6, 6], activation=activation)
+    """Conv(SigeScatterGather(...)) -- the next conv of a residual block, a depthwise or pointwise one (separable
+    convs of GAN Compression) -- compiles to one sparse conv that gathers from the virtual scatter per tile
+    (depthwise, pointwise: per vector of channels, channels innermost), and equals the reference."""
+    c, co, group = {"dense": (C, 16, 1), "depthwise": (32, 32, 32), "pointwise": (32, 48, 1)}[kind]
+    k = 1 if kind == "pointwise" else 3
+    w, bias = f32(co, c // group, k, k) * 0.2, f32(co)
+    attrs = dict(block=[k + 3, k + 3], activation=activation)
     nodes = [custom_ops.make_node("SigeScatterGather", ["blocks", "base", "smap", "idx", "scale", "shift"], ["g"], **attrs),
              helper.make_node("Conv", ["g", "w", "bias"], ["y"], group=group)]
     inputs = [vi("blocks", ["BN1", c, 4, 4]), vi("base", [B, c, Ho, Wo]), vi("smap", [Ho, Wo], TensorProto.INT32),

@@ -269,15 +269,19 @@ class Conv2dNCHW(ScheduleRule):
                     sch.compute_inline(b)
                 except Exception:
                     pass
+        pointwise = (_loop_extent(sch, rh), _loop_extent(sch, rw)) == (1, 1)
         for p in producers:
             if channels_outer and not gathers:
                 # small image, every channel group sweeps it: zero-pad it once (per tile, each group would
                 # pad it again; 5-11% on 1024-channel 3x3 convs at 8x16 to 16x32)
                 _parallel_vectorize(sch, p, lanes)
                 continue
+            stage = next((r for q, r in staged if sch.get(q).same_as(sch.get(p))), None)
+            tile = [p] + ([stage] if stage is not None else [])
+            if pointwise and sch.get(p).name_hint == "sige_scatter_gather" and _channel_vector_tile(sch, tile, ow_o, lanes):
+                continue
             sch.compute_at(p, ow_o, preserve_unit_loops=True)
             sch.set_scope(p, 0, "local")
-            stage = next((r for q, r in staged if sch.get(q).same_as(sch.get(p))), None)
             if stage is not None:  # the tile's loads, then its activation over contiguous [C, th', tw'] vectors
                 sch.compute_at(stage, ow_o, preserve_unit_loops=True)
                 sch.set_scope(stage, 0, "local")
@@ -551,6 +555,24 @@ def _unroll_short(sch, loop, limit: int = 16) -> None:
     e = _loop_extent(sch, loop)
     if e is not None and e <= limit:
         sch.unroll(loop)
+
+
+def _channel_vector_tile(sch, stages: list, loop, lanes: int) -> bool:
+    """Compute a scatter-gather tile (its stages, consumer first) at ``loop`` channels-innermost, one vector of
+    channels per pixel: the source of a pixel (a block or the base) is looked up once per vector, not per
+    element. 1.8x on GAN Compression's pointwise convs over scatter-gathers; 3x3 convs lose by it (their
+    broadcasts then read 36 cache lines per input channel). False (untouched) unless channels fill vectors."""
+    if any((_buf(sch.get(t).writes[0]).shape[1]) % lanes for t in stages):
+        return False
+    for t in stages:
+        sch.transform_layout(t, ("write", 0), lambda a, b, c, d: (a, c, d, b))
+        sch.compute_at(t, loop, preserve_unit_loops=True)
+        sch.set_scope(t, 0, "local")
+        tl = sch.get_loops(t)
+        sch.reorder(*tl[-2:], tl[-3])
+        _, cv = sch.split(sch.get_loops(t)[-1], [None, lanes])
+        sch.vectorize(cv)
+    return True
 
 
 def _tile_rows(sch, block) -> None:
