@@ -238,7 +238,11 @@ class Conv2dNCHW(ScheduleRule):
 
         last = _accumulate_locally(sch, conv, after)
 
-        co_o, co_i = sch.split(co, [None, v])
+        # output-channel vectors per tile: tiles of fewer than 16 pixels (2 x 2 outputs of a stride-2 conv over
+        # gathered blocks) take several, so 16 independent accumulators hide the FMA latency
+        cov = _largest_divisor(cout // v, max(1, 16 // (th * tw)))
+        co_o, co_i = sch.split(co, [None, v * cov])
+        co_v, co_i = sch.split(co_i, [None, v])
         oh_o, oh_i = sch.split(oh, [None, th])
         ow_o, ow_i = sch.split(ow, [None, tw])
         # Few output pixels per weight pass (gathered blocks: a symbolic block count; small images):
@@ -252,9 +256,9 @@ class Conv2dNCHW(ScheduleRule):
         channels_outer = ((n_ext is None or n_ext * eh * ew <= self.small_pixels) and (cout // v) >= 2
                           and not gathers)
         if channels_outer:
-            sch.reorder(co_o, n, oh_o, ow_o, rc, rh, rw, oh_i, ow_i, co_i)
+            sch.reorder(co_o, n, oh_o, ow_o, rc, rh, rw, oh_i, ow_i, co_v, co_i)
         else:
-            sch.reorder(n, oh_o, ow_o, co_o, rc, rh, rw, oh_i, ow_i, co_i)
+            sch.reorder(n, oh_o, ow_o, co_o, rc, rh, rw, oh_i, ow_i, co_v, co_i)
         # the accumulator tile [RH, RW, V] is laid out with channels innermost
         sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
 
@@ -301,6 +305,7 @@ class Conv2dNCHW(ScheduleRule):
         sch.unroll(rw)
         sch.unroll(oh_i)
         sch.unroll(ow_i)
+        sch.unroll(co_v)
         sch.vectorize(co_i)
         outer = sch.fuse(co_o, n, oh_o, ow_o) if channels_outer else sch.fuse(n, oh_o, ow_o)
         sch.parallel(outer)
