@@ -21,6 +21,18 @@ __all__ = [
 IntPair = Union[int, Sequence[int]]
 
 
+ALIGN = 64  # bytes: compiled kernels read their inputs in place and assume this alignment
+
+
+def aligned_empty(shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
+    """An uninitialised, writable, ``ALIGN``-byte aligned array (no copy when handed to a compiled pass)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off:off + nbytes].view(dtype).reshape(tuple(shape))
+
+
 def _pair(v: IntPair, name: str) -> tuple[int, int]:
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         return int(v), int(v)
@@ -249,7 +261,9 @@ def block_indices(mask: np.ndarray, config: BlockConfig, in_hw: IntPair | None =
     c0, c1 = np.clip(ws - dw, 0, W), np.clip(ws + config.block[1] + dw, 0, W)
     count = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])
     ii, jj = np.nonzero(count > 0)
-    return np.stack([hs[ii], ws[jj]], axis=1).astype(np.int32).reshape(-1, 2)
+    out = aligned_empty((len(ii), 2), np.int32)
+    out[:, 0], out[:, 1] = hs[ii], ws[jj]
+    return out
 
 
 def all_block_indices(config: BlockConfig, in_hw: IntPair) -> np.ndarray:
@@ -270,7 +284,8 @@ def scatter_map(out_hw: IntPair, indices: np.ndarray, offset: IntPair, stride: I
     idx = np.asarray(indices)
     if idx.ndim != 2 or idx.shape[1] != 2 or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"scatter_map: indices must be an integer [N, 2] array, got {idx.dtype} {list(idx.shape)}")
-    out = np.full((Ho, Wo), -1, np.int32)
+    out = aligned_empty((Ho, Wo), np.int32)
+    out.fill(-1)
     n = idx.shape[0]
     if n == 0:
         return out

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sige_export import custom_ops as co
-from sige_export.mask import (BlockConfig, all_block_indices, block_grid, block_indices, difference_mask, dilate,
+from sige_export.mask import (ALIGN, BlockConfig, all_block_indices, block_grid, block_indices, difference_mask, dilate,
                               downsample, mask_integral, mask_pyramid, scatter_map, snap_block)
 from tests.helpers import assert_close
 
@@ -132,6 +132,7 @@ def test_block_indices_match_brute_force(mask: np.ndarray, k: int, s: int, b: in
         return
     got = block_indices(mask, cfg, in_hw=mask.shape)
     assert got.dtype == np.int32 and got.ndim == 2 and got.shape[1] == 2
+    assert got.ctypes.data % ALIGN == 0 and got.flags.c_contiguous  # handed to the compiled pass without a copy
     assert np.array_equal(got, _brute_block_indices(mask, cfg))
     # the summed-area table shared by the grids of one resolution gives the same blocks
     assert np.array_equal(block_indices(mask, cfg, integral=mask_integral(mask)), got)
@@ -197,6 +198,7 @@ def test_scatter_map_matches_brute_force_and_scatter(data: st.DataObject) -> Non
             if r0 + i < ho and c0 + j < wo:
                 want[r0 + i, c0 + j] = n * ph * pw + i * pw + j
     assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert got.ctypes.data % ALIGN == 0 and got.flags.c_contiguous
     # the same positions SigeScatter writes: scatter the flat offsets themselves
     blocks = np.arange(len(idx) * ph * pw, dtype=np.float32).reshape(len(idx), 1, ph, pw)
     base = np.full((1, 1, ho, wo), -1, np.float32)
