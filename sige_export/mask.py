@@ -29,8 +29,8 @@ def aligned_empty(shape: Sequence[int], dtype=np.uint8) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % ALIGN
-    return raw[off:off + nbytes].view(dtype).reshape(tuple(shape))
+    # np.ndarray with an offset: a slice of zero bytes would keep the unaligned start
+    return np.ndarray(tuple(shape), dtype, buffer=raw, offset=(-raw.ctypes.data) % ALIGN)
 
 
 def _pair(v: IntPair, name: str) -> tuple[int, int]:
