@@ -567,7 +567,8 @@ def _channel_vector_tile(sch, stages: list, loop, lanes: int) -> bool:
     channels per pixel: the source of a pixel (a block or the base) is looked up once per vector, not per
     element. 1.8x on GAN Compression's pointwise convs over scatter-gathers; 3x3 convs lose by it (their
     broadcasts then read 36 cache lines per input channel). False (untouched) unless channels fill vectors."""
-    if any((_buf(sch.get(t).writes[0]).shape[1]) % lanes for t in stages):
+    channels = [_static(_buf(sch.get(t).writes[0]).shape[1]) for t in stages]
+    if any(c is None or c % lanes for c in channels):
         return False
     for t in stages:
         sch.transform_layout(t, ("write", 0), lambda a, b, c, d: (a, c, d, b))
