@@ -242,8 +242,8 @@ def conv2d_packed_te(x, weight, bias=None, *, pads=(0, 0, 0, 0), strides=(1, 1))
 def _moments_compute(B, groups: int, extents: Sequence, values, name: str) -> te.Tensor:
     """``[2, B, groups, 1]``: over reduce axes of ``extents`` (blocks, channels of a group, rows, columns), the
     sums of ``d = new - old`` and ``d * (new + old - 2 m)``; ``values(b, g, rn, rc, ri, rj)`` gives
-    ``(new, old, inside, m)`` (elements not ``inside`` count 0) with loads valid for every element, so the
-    count is a select (vectorisable), not a guarded load."""
+    ``(new, old, inside, m)`` (elements not ``inside`` count 0) with loads valid for every element, so an
+    element counts by a multiply (vectorisable), not a guarded load."""
     axes = [te.reduce_axis((0, e), name=n) for n, e in zip(("rn", "rc", "ri", "rj"), extents)]
 
     def term(s, b, g):

@@ -651,8 +651,7 @@ class SigeGatherScatter(ScheduleRule):
 
 class GroupMoments(ScheduleRule):
     """SigeTileMoments / SigeScatterMoments: one (batch, group) per parallel task; both sums in one pass over
-    its tiles (blocks), into partial sums per tile column and sum (2 x bw accumulators in vector registers:
-    a vector over the tile row for SigeTileMoments, unrolled for SigeScatterMoments)."""
+    its tiles (blocks), into partial sums per tile column and sum (two vectors over the tile row)."""
 
     name = "cpu.group_moments"
     OPS = ("SigeTileMoments", "SigeScatterMoments")
