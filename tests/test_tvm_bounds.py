@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
+pytestmark = pytest.mark.skipif(not hasattr(mmap, "PROT_READ"), reason="guard pages need POSIX mmap/mprotect")
 
 ROOT = Path(__file__).resolve().parents[1]
 B, C, H, W = 1, 16, 14, 18  # C: one vector of channels (depthwise path); blocks cross every border; every buffer a multiple of 64 bytes
