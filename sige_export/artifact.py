@@ -536,29 +536,20 @@ class _Pass:
         self.working = {i["name"]: i["cache"] for i in entry["inputs"] if i.get("kind") == "working_copy"}
         self.restore_plan = entry.get("restore") or {}
         self.vm_restore = {k: vm[k] for k in ("restore", "restore_full")} if self.working else {}
-        # inputs passed before as they were (aligned, contiguous): {id: weak reference}; the caches come back at
-        # every edit, and checking an array's address costs microseconds (a pass takes hundreds of inputs)
-        self._passed: dict[int, weakref.ref] = {}
 
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ArtifactError(f"{self.name} pass: missing inputs {missing[:8]}{'...' if len(missing) > 8 else ''}")
         arrays = []
-        passed = self._passed
         for spec in self.specs:
             a = feeds[spec["name"]]
             if isinstance(a, self.runner._ffi.Tensor):  # a working copy on the device: passed as it is
                 arrays.append(a)
                 continue
-            ref = passed.get(id(a))
-            if ref is None or ref() is not a or a.dtype != spec["dtype"] or a.ndim != len(spec["shape"]):
-                given = a
-                a = _aligned(np.asarray(a, dtype=np.dtype(spec["dtype"])))
-                if a is given:
-                    passed[id(a)] = weakref.ref(a, lambda _ref, key=id(a): passed.pop(key, None))
+            a = _aligned(np.asarray(a, dtype=np.dtype(spec["dtype"])))
             shp = spec["shape"]
-            if any(not isinstance(d, str) and d != s for d, s in zip(shp, a.shape)):
+            if a.ndim != len(shp) or any(not isinstance(d, str) and d != s for d, s in zip(shp, a.shape)):
                 raise ArtifactError(f"{self.name} pass: input {spec['name']!r} has shape {a.shape}, expected {shp}")
             arrays.append(a)
         out = self.runner._call(self.vm_main, arrays, self.params)

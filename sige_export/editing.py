@@ -31,7 +31,6 @@ from typing import Any, Callable, Hashable, Mapping
 import numpy as np
 
 from . import mask as masks
-from .program import grid_indices
 from .runtime import EditStats, Engine
 
 # --------------------------------------------------------------------------------------- schedules
@@ -156,14 +155,13 @@ class EditResult:
 
 def affected_region(engine: Engine, mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """Pixels of an ``out_hw`` output an edit with ``mask`` may change: the output blocks of the grids
-    at the output's resolution (their active blocks, from the dilated mask pyramid), scaled to it.
+    at the output's resolution (their active blocks, as the engine finds them: ``Engine.edit_feeds``),
+    scaled to it.
 
     Outside this region the incremental output equals the cached (original) one exactly.
     """
     m = engine.manifest
-    mask = np.asarray(mask, bool)
-    levels = sorted({tuple(g["resolution"]) for g in m["indices"]}, reverse=True)
-    pyr = masks.mask_pyramid(mask, levels, dilation=m["mask"]["dilation"])
+    feeds = engine.edit_feeds(np.asarray(mask, bool))
     region = np.zeros(out_hw, bool)
     best = max(g["out_resolution"][0] for g in m["indices"])
     for g in m["indices"]:
@@ -174,7 +172,7 @@ def affected_region(engine: Engine, mask: np.ndarray, out_hw: tuple[int, int]) -
         sh, sw = g["stride"]
         oh, ow = g["out_block"]
         pt, pl = g["offset"]
-        for top, left in grid_indices(pyr[tuple(g["resolution"])], g):
+        for top, left in feeds[g["name"]]:
             r0, c0 = (top + pt) // sh, (left + pl) // sw
             region[max(0, int(r0 * fh)):int(math.ceil((r0 + oh) * fh)),
                    max(0, int(c0 * fw)):int(math.ceil((c0 + ow) * fw))] = True

@@ -417,6 +417,7 @@ def test_conv_of_scatter_gather_is_one_sparse_conv(kind, activation):
         assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=group), rtol=1e-4,
                      atol=1e-4, what=f"scatter-gather {kind} conv N1={n1} N2={n2}")
 
+
 def test_roof_measurements_are_plausible():
     """The roofs of the benchmarks' roofline (tvm_schedules.bench): an FMA peak and a streaming read bandwidth,
     positive and finite, the peak at least one scalar FMA per nanosecond per thread."""
