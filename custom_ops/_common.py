@@ -39,6 +39,7 @@ class AttrSpec:
     kind: str
     default: Any = None
     check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    overload_default: bool = True  # False: left out of the overload name at its default (older names stay)
 
 
 def _positive_pair(v: Any) -> str | None:
@@ -71,6 +72,13 @@ PRE_ATTRS = (
     AttrSpec("activation", "string", "identity", _activation),
     AttrSpec("alpha", "float", 0.2),
     AttrSpec("activation_first", "int", 0, _zero_one),
+)
+
+
+# The gathered frame is x resized (nearest, ONNX "asymmetric" + floor): frame[r] = x[r * downsample // upsample]
+RESAMPLE = (
+    AttrSpec("upsample", "pair", (1, 1), _positive_pair, overload_default=False),
+    AttrSpec("downsample", "pair", (1, 1), _positive_pair, overload_default=False),
 )
 
 
@@ -166,6 +174,8 @@ def overload_name(
         if spec.name == "alpha" and attrs.get("activation") != "leaky_relu":
             continue
         if spec.name == "activation_first" and (attrs.get("activation") == "identity" or not has_affine):
+            continue
+        if not spec.overload_default and v == spec.default:
             continue
         if spec.kind == "pair":
             s = f"{v[0]}x{v[1]}"
@@ -287,6 +297,43 @@ def check_gather_range(op_type: str, indices: np.ndarray, hw: tuple[int, int], b
         fail(op_type, f"{name}[{n}] = {indices[n].tolist()} is outside the image plus halo: a block "
                       f"{list(block)} at it does not overlap the {hw[0]}x{hw[1]} image "
                       f"(need {-block[0]} < h < {hw[0]} and {-block[1]} < w < {hw[1]})")
+
+
+def resampled(attrs: Mapping[str, Any]) -> bool:
+    return tuple(attrs.get("upsample", (1, 1))) != (1, 1) or tuple(attrs.get("downsample", (1, 1))) != (1, 1)
+
+
+def frame_hw(op_type: str, hw: Sequence[int], attrs: Mapping[str, Any]) -> tuple[int, int]:
+    """The gathered frame ``H * upsample / downsample`` (per axis); an error unless it divides exactly."""
+    up, down = attrs.get("upsample", (1, 1)), attrs.get("downsample", (1, 1))
+    out = []
+    for axis, n, u, d in zip("HW", hw, up, down):
+        if (int(n) * u) % d:
+            fail(op_type, f"x's {axis} = {n} times upsample {u} is not divisible by downsample {d}")
+        out.append(int(n) * u // d)
+    return out[0], out[1]
+
+
+def check_resample_params(op_type: str, x: np.ndarray, scale: np.ndarray | None, shift: np.ndarray | None,
+                          attrs: Mapping[str, Any]) -> None:
+    """With a resampled frame, scale/shift broadcast per channel (no spatial extent)."""
+    if not resampled(attrs):
+        return
+    for name, p in (("scale", scale), ("shift", shift)):
+        if p is not None and (1, 1, *p.shape)[-2:] != (1, 1):
+            fail(op_type, f"{name} of shape {list(p.shape)} has a spatial extent; with upsample/downsample it must "
+                          f"broadcast per channel ([C, 1, 1] or [B, C, 1, 1])")
+
+
+def np_resample(x: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
+    """The frame of ``x`` (nearest resize by upsample / downsample)."""
+    if not resampled(attrs):
+        return x
+    (uh, uw), (dh, dw) = attrs["upsample"], attrs["downsample"]
+    hf, wf = frame_hw("resample", x.shape[2:], attrs)
+    rows = np.arange(hf) * dh // uh
+    cols = np.arange(wf) * dw // uw
+    return x[:, :, rows[:, None], cols[None, :]]
 
 
 def scatter_origins(indices: np.ndarray, offset: Sequence[int], stride: Sequence[int]) -> np.ndarray:
@@ -547,6 +594,20 @@ def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int
     flat = bd.op("Add", bd.op("Mul", rows_c, W), cols_c, hint="flat")
     n = bd.shape(indices, 0, 1)
     return GatherPositions(rows_c, cols_c, flat, valid, n)
+
+
+def body_resample(bd: Body, x: str, attrs: Mapping[str, Any]) -> str:
+    """The frame of ``x``: rows / columns ``r * downsample // upsample`` picked by Gather (exact integer
+    arithmetic, unlike a Resize whose float scale 1/3 can round a source row down)."""
+    if not resampled(attrs):
+        return x
+    z, one = bd.scalar_i64(0), bd.scalar_i64(1)
+    for axis, u, d in zip((2, 3), attrs["upsample"], attrs["downsample"]):
+        n = bd.op("Squeeze", bd.shape(x, axis, axis + 1), bd.ints([0]))
+        size = bd.op("Div", bd.op("Mul", n, bd.scalar_i64(u)), bd.scalar_i64(d))
+        src = bd.op("Div", bd.op("Mul", bd.op("Range", z, size, one), bd.scalar_i64(d)), bd.scalar_i64(u))
+        x = bd.op("Gather", x, src, axis=axis)
+    return x
 
 
 def body_flatten_hw(bd: Body, x: str) -> str:

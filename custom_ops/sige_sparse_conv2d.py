@@ -1,4 +1,5 @@
-"""SigeSparseConv2d(x, indices, weight[, bias, scale, shift]) -> y: Conv(SigeGather(x, ...), pads=0)."""
+"""SigeSparseConv2d(x, indices, weight[, bias, scale, shift]) -> y: Conv(SigeGather(x, ...), pads=0) (the gather
+may resample x: ``upsample`` / ``downsample``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,15 +7,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, AttrSpec, Body, OpDef, Shape, _positive, _stride_1_2, check_array,
-                      check_broadcast, check_float, check_gather_range, check_indices, body_flatten_hw,
-                      body_gather_positions, body_pre_gather, dim_mul, fail, need_rank,
-                      np_gather_blocks, np_pre, register)
+from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, RESAMPLE, AttrSpec, Body, OpDef, Shape, _positive, _stride_1_2,
+                      check_array, check_broadcast, check_float, check_gather_range, check_indices,
+                      check_resample_params, body_flatten_hw, body_gather_positions, body_pre_gather, body_resample,
+                      dim_mul, fail, frame_hw, need_rank, np_gather_blocks, np_pre, np_resample, register)
 
 OP_TYPE = "SigeSparseConv2d"
 INPUTS = ("x", "indices", "weight", "bias", "scale", "shift")
 ATTRS = (BLOCK, AttrSpec("strides", "pair", (1, 1), _stride_1_2), AttrSpec("group", "int", 1, _positive),
-         *PRE_ATTRS)
+         *PRE_ATTRS, *RESAMPLE)
 
 
 def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
@@ -37,9 +38,10 @@ def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
         fail(OP_TYPE, f"kernel {kh}x{kw} is larger than the block {bh}x{bw}")
     if bias is not None and bias.shape != (cout,):
         fail(OP_TYPE, f"bias must have shape [{cout}], got {list(bias.shape)}")
-    check_gather_range(OP_TYPE, indices, x.shape[2:], attrs["block"])
+    check_gather_range(OP_TYPE, indices, frame_hw(OP_TYPE, x.shape[2:], attrs), attrs["block"])
     check_broadcast(OP_TYPE, "scale", scale, x.shape)
     check_broadcast(OP_TYPE, "shift", shift, x.shape)
+    check_resample_params(OP_TYPE, x, scale, shift, attrs)
 
 
 def np_conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, strides: tuple[int, int],
@@ -61,14 +63,17 @@ def np_conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride
 def compute(x: np.ndarray, indices: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
             scale: np.ndarray | None = None, shift: np.ndarray | None = None, *, block: tuple[int, int],
             strides: tuple[int, int], group: int, activation: str, alpha: float,
-            activation_first: int) -> np.ndarray:
-    g = np_gather_blocks(np_pre(x, scale, shift, activation, alpha, activation_first), indices, block)
+            activation_first: int, upsample: tuple[int, int] = (1, 1),
+            downsample: tuple[int, int] = (1, 1)) -> np.ndarray:
+    pre = np_pre(x, scale, shift, activation, alpha, activation_first)
+    g = np_gather_blocks(np_resample(pre, {"upsample": upsample, "downsample": downsample}), indices, block)
     return np_conv2d(g, weight, bias, strides, group)
 
 
 def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     x, indices, weight, bias, scale, shift = inputs
     assert x is not None and indices is not None and weight is not None
+    x = body_resample(bd, x, attrs)
     pos = body_gather_positions(bd, indices, x, attrs["block"])
     g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)
     g = body_pre_gather(bd, g, pos, scale, shift, attrs, out=bd.fresh("gathered"))

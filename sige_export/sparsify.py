@@ -340,6 +340,24 @@ class Expr:
 
 
 @dataclass(frozen=True)
+class Resampled:
+    """A nearest resize of ``source`` by integer factors: ``value[r] = source[r * down // up]`` per axis.
+
+    A gather reads ``source`` through the factors (SigeGather / SigeSparseConv2d ``upsample`` /
+    ``downsample``), so the resized tensor is never computed; ``node`` is the original Resize, run
+    dense when something needs the full tensor.
+    """
+
+    source: str
+    up: tuple[int, int]
+    down: tuple[int, int]
+    node: onnx.NodeProto
+
+    def attrs(self) -> dict:
+        return {"upsample": list(self.up), "downsample": list(self.down)}
+
+
+@dataclass(frozen=True)
 class Rep:
     """Edit-pass value of a dynamic tensor: act(value * scale + shift), value full or pending."""
 
@@ -350,6 +368,7 @@ class Rep:
     parts: tuple[tuple[str, int], ...] | None = None
     rows: Rows | None = None  # a token tensor known at the changed tokens only (see token_rules)
     expr: Expr | None = None  # an elementwise expression evaluated where it is gathered
+    resampled: Resampled | None = None  # a nearest resize, read through by the gathers
     scale: str | None = None  # [B|1, C, 1, 1]
     shift: str | None = None
     act: str | None = None
@@ -505,6 +524,16 @@ class _Sparsifier(TokenRules):
             return self._materialize_rows(rep.rows)
         if rep.expr is not None:
             return rep.expr.emit({leaf: self.full(leaf) for leaf in rep.expr.leaves})
+        if rep.resampled is not None:
+            node = onnx.NodeProto()
+            node.CopyFrom(rep.resampled.node)
+            out = self.b.fresh(EDIT_PREFIX + node.output[0])
+            node.name = out
+            node.input[0] = rep.resampled.source
+            node.input[1:] = [self.static(i) if i else "" for i in node.input[1:]]
+            node.output[0] = out
+            self.b.nodes.append(node)
+            return out
         p = rep.pending
         assert p is not None
         if p not in self.scattered:
@@ -667,8 +696,8 @@ class _Sparsifier(TokenRules):
     def _full_base(self, x: str, rep: Rep) -> str:
         """The full tensor under ``rep``'s pre-ops, materialised once and remembered for ``x``."""
         base = self._materialize_base(rep)
-        if rep.pending is not None and self.reps.get(x) is rep:
-            self.reps[x] = replace(rep, full=base, pending=None)
+        if (rep.pending is not None or rep.resampled is not None) and self.reps.get(x) is rep:
+            self.reps[x] = replace(rep, full=base, pending=None, resampled=None)
         return base
 
     def _conv_blocks(self, x: str, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str,
@@ -679,10 +708,16 @@ class _Sparsifier(TokenRules):
             gathered = self._gather(x, rep, grid, idx)
             return self.b.node("Conv", [gathered, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
                                kernel_shape=list(c.kernel), strides=list(c.stride), group=group, pads=[0, 0, 0, 0])
-        return self.b.sige("SigeSparseConv2d",
-                           [self._full_base(x, rep), idx, weight, bias or "", rep.scale or "", rep.shift or ""],
+        source, resample = self._gather_source(x, rep)
+        return self.b.sige("SigeSparseConv2d", [source, idx, weight, bias or "", rep.scale or "", rep.shift or ""],
                            EDIT_PREFIX + "sparse_conv", block=list(c.block), strides=list(c.stride), group=group,
-                           **self._pre_attrs(rep))
+                           **self._pre_attrs(rep), **resample)
+
+    def _gather_source(self, x: str, rep: Rep) -> tuple[str, dict]:
+        """The full tensor a gather over ``rep`` reads, and the resize it reads it through."""
+        if rep.resampled is not None and rep.full is None:
+            return rep.resampled.source, rep.resampled.attrs()
+        return self._full_base(x, rep), {}
 
     def _concat_conv_blocks(self, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str) -> str:
         """conv(concat(a, b, ...)): gather each part's blocks, concat the small blocks, one conv (pads 0)."""
@@ -717,8 +752,9 @@ class _Sparsifier(TokenRules):
             return self.b.sige("SigeScatterGather",
                                [p.blocks, p.base, self._scatter_map(p), idx, rep.scale or "", rep.shift or ""],
                                EDIT_PREFIX + "scatter_gather", block=list(grid.config.block), **pre)
-        return self.b.sige("SigeGather", [self._full_base(x, rep), idx, rep.scale or "", rep.shift or ""],
-                           EDIT_PREFIX + "gather", block=list(grid.config.block), **pre)
+        source, resample = self._gather_source(x, rep)
+        return self.b.sige("SigeGather", [source, idx, rep.scale or "", rep.shift or ""],
+                           EDIT_PREFIX + "gather", block=list(grid.config.block), **pre, **resample)
 
     def _channel_slice(self, t: str | None, c0: int, c1: int) -> str | None:
         if t is None:
@@ -727,6 +763,62 @@ class _Sparsifier(TokenRules):
                                      self.b.const(EDIT_PREFIX + "c1", np.array([c1], np.int64)),
                                      self.b.const(EDIT_PREFIX + "axis1", np.array([1], np.int64))],
                            EDIT_PREFIX + "channel_slice")
+
+    def _op_Resize(self, op: Op) -> bool:
+        """A nearest resize by integer factors stays virtual: the gathers read its input through the factors
+        (the upsampling between resolutions, the conditioning map's downsampling in SPADE)."""
+        x = op.inputs[0]
+        factors = self._nearest_factors(op)
+        if x not in self.dynamic or factors is None:
+            return False
+        self._ensure_editable(x)
+        rep = self.reps[x]
+        if rep.pending is not None or rep.full is not None:  # per-channel pre-ops commute with the resize
+            source = self._full_base(x, rep)
+            pre = {"scale": rep.scale, "shift": rep.shift, "act": rep.act, "alpha": rep.alpha}
+        else:
+            source, pre = self.full(x), {}
+        self.reps[op.output] = Rep(resampled=Resampled(source, *factors, op.nodes[0]), **pre)
+        return True
+
+    def _nearest_factors(self, op: Op) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """``(up, down)`` when the Resize picks ``x[r * down // up]`` on both spatial axes (checked by running the
+        node on a ramp with onnx.reference, so every mode and rounding that agrees is taken), else None."""
+        node = op.nodes[0]
+        xs, ys = self._nchw(op.inputs[0]), self._nchw(op.output)
+        if (len(op.nodes) != 1 or node.op_type != "Resize" or xs is None or ys is None or xs[:2] != ys[:2]
+                or op.attrs.get("mode", "nearest") != "nearest" or "axes" in op.attrs
+                or any(i and i not in self.info.consts for i in op.inputs[1:])):
+            return None
+        up, down = [], []
+        for n, m in zip(xs[2:], ys[2:]):
+            if m >= n and m % n == 0:
+                up.append(m // n), down.append(1)
+            elif m < n and n % m == 0:
+                up.append(1), down.append(n // m)
+            else:
+                return None
+        from onnx.reference import ReferenceEvaluator
+
+        h, w = xs[2], xs[3]
+        ramp = np.arange(h * w, dtype=np.float32).reshape(1, 1, h, w)
+        consts = [self.info.consts[i] if i else None for i in op.inputs[1:]]
+        if len(consts) > 2 and consts[2] is not None:  # sizes: the ramp is one image of one channel
+            consts[2] = np.concatenate([[1, 1], consts[2][2:]]).astype(np.int64)
+        feeds = {"x": ramp, **{f"c{k}": v for k, v in enumerate(consts) if v is not None}}
+        ref = onnx.NodeProto()
+        ref.CopyFrom(node)
+        ref.input[:] = ["x"] + [f"c{k}" if v is not None else "" for k, v in enumerate(consts)]
+        ref.output[:] = ["y"]
+        try:
+            got = ReferenceEvaluator(ref).run(None, feeds)[0]
+        except Exception:  # noqa: BLE001 - a Resize the reference cannot run stays dense
+            return None
+        rows = np.arange(ys[2]) * down[0] // up[0]
+        cols = np.arange(ys[3]) * down[1] // up[1]
+        if got.shape != (1, 1, ys[2], ys[3]) or not np.array_equal(got[0, 0], ramp[0, 0][rows[:, None], cols[None, :]]):
+            return None
+        return (up[0], up[1]), (down[0], down[1])
 
     def _op_Concat(self, op: Op) -> bool:
         xs = self._nchw(op.output)

@@ -137,6 +137,45 @@ def test_sparse_conv_body_matches_reference(case: tuple[dict[str, Any], dict[str
 
 
 @st.composite
+def resample_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+    """A gather / sparse conv over x resized by upsample or downsample per axis; returns the frame built
+    independently (np.repeat / strided slicing)."""
+    rng = _rng(draw)
+    factors = [draw(st.sampled_from([(1, 1), (2, 1), (3, 1), (1, 2), (1, 3)])) for _ in range(2)]
+    b, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    h, w = (d * draw(st.integers(1, 4)) for _, d in factors)
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    frame = x
+    for axis, (u, d) in zip((2, 3), factors):
+        frame = np.repeat(frame.take(np.arange(0, frame.shape[axis], d), axis=axis), u, axis=axis)
+    kh, kw = draw(st.sampled_from([(1, 1), (3, 3)]))
+    bh, bw = kh + draw(st.integers(0, 3)), kw + draw(st.integers(0, 3))
+    per_channel = draw(st.sampled_from([None, "C11", "1C11", "BC11", "scalar"]))
+    feeds = {"x": x, "indices": draw(gather_indices(rng, frame.shape[2], frame.shape[3], bh, bw)),
+             "weight": rng.standard_normal((2, c, kh, kw)).astype(np.float32), "bias": None,
+             "scale": _param(rng, per_channel, b, c, h, w), "shift": _param(rng, per_channel, b, c, h, w)}
+    attrs = {"block": (bh, bw), "upsample": (factors[0][0], factors[1][0]),
+             "downsample": (factors[0][1], factors[1][1]), **draw(pre_attrs())}
+    return feeds, attrs, frame
+
+
+@SETTINGS
+@given(resample_case())
+def test_resampled_gather_and_conv_match_gather_of_the_resized_input(
+        case: tuple[dict[str, Any], dict[str, Any], np.ndarray]) -> None:
+    feeds, attrs, frame = case
+    gather_feeds = {k: feeds[k] for k in ("x", "indices", "scale", "shift")}
+    gather_attrs = {k: v for k, v in attrs.items() if k not in ("upsample", "downsample")}
+    y = check_op("SigeGather", gather_feeds, attrs)
+    want = co.reference("SigeGather", frame, feeds["indices"], feeds["scale"], feeds["shift"], **gather_attrs)
+    assert_close(y, want, rtol=0, atol=0, what="resampled gather == gather of the resized x")
+    conv = check_op("SigeSparseConv2d", feeds, attrs)
+    want = co.reference("SigeSparseConv2d", frame, feeds["indices"], feeds["weight"], None, feeds["scale"],
+                        feeds["shift"], **gather_attrs)
+    assert_close(conv, want, rtol=1e-5, atol=1e-5, what="resampled sparse conv == sparse conv of the resized x")
+
+
+@st.composite
 def scatter_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     rng = _rng(draw)
     b, c, ho, wo = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.integers(1, 8))

@@ -51,6 +51,12 @@ BAD: list[tuple[str, tuple[str, list[Any], dict[str, Any]], str]] = [
     ("gather scale channels", with_input(GATHER, 2, z(4, 1, 1)), r"scale of shape \[4, 1, 1\] is not broadcastable"),
     ("gather shift spatial", with_input(GATHER, 3, z(1, 3, 7, 8)), r"shift .*not broadcastable.*\[1, 3, 8, 8\]"),
     ("gather scale rank 5", with_input(GATHER, 2, z(1, 1, 3, 1, 1)), r"scale .*not broadcastable"),
+    ("gather frame", with_input(GATHER, 1, IDX, downsample=3), r"x's H = 8 times upsample 1 is not divisible by downsample 3"),
+    ("gather resample spatial scale", with_input(GATHER, 2, z(1, 3, 8, 8), upsample=2),
+     r"scale of shape \[1, 3, 8, 8\] has a spatial extent; with upsample/downsample"),
+    ("gather downsampled past frame", with_input(GATHER, 1, np.array([[4, 0]], np.int32), downsample=2),
+     r"does not overlap the 4x4 image"),
+    ("conv upsample 0", with_input(CONV, 1, IDX, upsample=(0, 1)), r"'upsample' must be positive"),
     ("conv weight channels", with_input(CONV, 2, z(6, 4, 3, 3)), r"channel mismatch: weight \[6, 4, 3, 3\]"),
     ("conv weight rank", with_input(CONV, 2, z(6, 2, 3)), r"'weight' must have rank 4"),
     ("conv cout vs group", with_input(CONV, 2, z(5, 2, 3, 3)), r"output channels 5 are not divisible by group 2"),
@@ -101,7 +107,10 @@ def test_bad_input_is_named(case: tuple[str, list[Any], dict[str, Any]], pattern
         co.reference(op, *arrays, **attrs)
 
 
-@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES, MOM, SMOM], ids=lambda c: c[0])
+UPSAMPLED = with_input(GATHER, 1, np.array([[15, 0], [-3, 15]], np.int32), upsample=2)  # a 16x16 frame
+
+
+@pytest.mark.parametrize("case", [GATHER, CONV, SCATTER, SG, RES, MOM, SMOM, UPSAMPLED], ids=lambda c: c[0])
 def test_good_inputs_pass(case: tuple[str, list[Any], dict[str, Any]]) -> None:
     op, arrays, attrs = case
     co.validate_inputs(op, arrays, attrs)

@@ -69,6 +69,29 @@ class BatchNormNet(nn.Module):
         return torch.tanh(self.c3(F.relu(h)) + h[:, :8])
 
 
+class ResampleNet(nn.Module):
+    """SPADE-like: the edited map downsampled as conditioning, the features upsampled between resolutions."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, c, 3, 1, 1)
+        self.down = nn.Conv2d(c, c, 3, 2, 1)
+        self.gamma = nn.Conv2d(3, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c, affine=False)
+        self.mid = nn.Conv2d(c, c, 3, 1, 1)
+        self.out = nn.Conv2d(c, 3, 3, 1, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.interpolate(x, scale_factor=0.5, mode="nearest")  # 16 x 16 conditioning
+        h = self.down(self.conv_in(s))  # 8 x 8
+        u = F.interpolate(h, scale_factor=2.0, mode="nearest")  # 16 x 16
+        h = self.mid(F.leaky_relu(self.bn(u) * (1 + self.gamma(s)), 0.2))
+        return self.out(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # 32 x 32
+
+
 def _dense_onnx(model: nn.Module, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -282,3 +305,32 @@ def test_group_normalization_op() -> None:
     dense = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     engine = _check_program_against_dense(dense, {"x": rng.normal(size=(1, 4, 24, 24)).astype(np.float32)}, "x")
     assert engine.manifest["dense_islands"] == []
+
+
+def test_nearest_resizes_are_read_through_by_the_gathers() -> None:
+    """No Resize runs in the edit pass: the gathers read the small (or large) tensor through the factors, and
+    the edit with every block active equals the dense model."""
+    torch.manual_seed(5)
+    model = ResampleNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = _dense_onnx(model, {"x": x})
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    edit = [n for n in result.model.graph.node if n.name.startswith("edit/")]
+    assert not [n.name for n in edit if n.op_type == "Resize"]
+    factors = {(tuple(a.ints) if a.name == "upsample" else None, n.op_type) for n in edit if n.domain == "ai.sige"
+               for a in n.attribute if a.name == "upsample" and tuple(a.ints) != (1, 1)}
+    downs = [n.op_type for n in edit if n.domain == "ai.sige"
+             for a in n.attribute if a.name == "downsample" and tuple(a.ints) == (2, 2)]
+    assert ((2, 2), "SigeSparseConv2d") in factors and downs, (factors, downs)
+    engine = _engine(dense)
+    engine.prime(x.numpy())
+    edited = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited)).numpy()
+    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
+    local = x.numpy().copy()
+    local[..., 4:9, 20:26] += 1.0
+    primed = engine.prime(x.numpy())
+    out = engine.edit(local)
+    assert engine.last_edit.mode == "sparse"
+    assert_close(out[..., 16:, :12], primed[..., 16:, :12], rtol=0, atol=1e-6, what="far from the edit")

@@ -103,6 +103,34 @@ def test_sparse_conv(conv_libs, case):
     assert any(r == "cpu.conv2d_nchw" and s == "ok" for _, r, s in lib.schedule_log), lib.schedule_log
 
 
+# -- resampled frames (a nearest Resize folded into the gather) ---------------------------------
+RESAMPLE_CASES = {  # op, source x [H, W], upsample, downsample, pre-ops
+    "gather_up2": ("SigeGather", (6, 7), (2, 2), (1, 1), dict(activation="silu")),
+    "gather_down2_up3": ("SigeGather", (22, 5), (1, 3), (2, 1), dict()),
+    "conv_up2_leaky": ("SigeSparseConv2d", (6, 7), (2, 2), (1, 1), dict(activation="leaky_relu", alpha=0.1)),
+    "conv_down4": ("SigeSparseConv2d", (44, 52), (1, 1), (4, 4), dict()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESAMPLE_CASES))
+def test_resampled_frame(case):
+    op, (h, w), up, down, pre = RESAMPLE_CASES[case]
+    frame = (h * up[0] // down[0], w * up[1] // down[1])
+    attrs = dict(block=[6, 6], upsample=list(up), downsample=list(down), **pre)
+    wt = (f32(16, C, 3, 3) * 0.3).astype(np.float32)
+    conv = op == "SigeSparseConv2d"
+    node = custom_ops.make_node(op, ["x", "idx"] + (["w", ""] if conv else []) + ["scale", "shift"], ["y"], **attrs)
+    m = make_model([node], [vi("x", [B, C, h, w]), idx_type(), vi("scale", [C, 1, 1]), vi("shift", [1, C, 1, 1])],
+                   [vi("y", None)], [init("w", wt)] if conv else [])
+    lib = compile_program(m, "host", {"x": (B, C, h, w)})
+    x, sc, sh = f32(B, C, h, w), f32(C, 1, 1), f32(1, C, 1, 1)
+    for n in COUNTS:
+        idx = gather_grid(n, hw=frame)
+        got = lib.run(x, idx, sc, sh)
+        args = (x, idx, wt, None, sc, sh) if conv else (x, idx, sc, sh)
+        assert_close(got, custom_ops.reference(op, *args, **attrs), rtol=1e-4, atol=1e-4, what=f"{op}[{case}] N={n}")
+
+
 # -- SigeScatter --------------------------------------------------------------------------------
 SC_ATTRS = dict(offset=[1, 1], stride=[1, 1])
 Ho, Wo = H, W

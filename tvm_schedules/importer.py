@@ -63,6 +63,7 @@ def _convert_gather(bb, inputs, attrs, name):
     x, idx = inputs[0], inputs[1]
     scale, shift = _opt(inputs, 2), _opt(inputs, 3)
     pre = sige_te.PreOp.from_attrs(attrs)
+    resample = sige_te.Resample.from_attrs(attrs)
     block = _ints(attrs, "block")
     xs = list(x.parts) if isinstance(x, VirtualConcat) else [x]
     nx = len(xs)
@@ -72,7 +73,7 @@ def _convert_gather(bb, inputs, attrs, name):
         xparts, idx, rest = list(a[:nx]), a[nx], list(a[nx + 1:])
         sc = rest.pop(0) if scale is not None else None
         sf = rest.pop(0) if shift is not None else None
-        return sige_te.gather_te(xparts if nx > 1 else xparts[0], idx, block, pre, sc, sf)
+        return sige_te.gather_te(xparts if nx > 1 else xparts[0], idx, block, pre, sc, sf, resample=resample)
 
     return bb.emit_te(f, *args, primfunc_name_hint="sige_gather", primfunc_attrs={"sige.op": "SigeGather"})
 
@@ -83,6 +84,7 @@ def _convert_sparse_conv(bb, inputs, attrs, name):
     x, idx, w = inputs[0], inputs[1], inputs[2]
     bias, scale, shift = _opt(inputs, 3), _opt(inputs, 4), _opt(inputs, 5)
     pre = sige_te.PreOp.from_attrs(attrs)
+    resample = sige_te.Resample.from_attrs(attrs)
     block = _ints(attrs, "block")
     strides = _ints(attrs, "strides", (1, 1))
     group = int(attrs.get("group", 1))
@@ -93,7 +95,8 @@ def _convert_sparse_conv(bb, inputs, attrs, name):
         b = rest.pop(0) if bias is not None else None
         sc = rest.pop(0) if scale is not None else None
         sf = rest.pop(0) if shift is not None else None
-        return sige_te.sparse_conv2d_te(x, idx, w, b, sc, sf, block=block, strides=strides, group=group, pre=pre)
+        return sige_te.sparse_conv2d_te(x, idx, w, b, sc, sf, block=block, strides=strides, group=group, pre=pre,
+                                        resample=resample)
 
     return bb.emit_te(f, x, idx, w, *present, primfunc_name_hint="sige_sparse_conv2d",
                       primfunc_attrs={"sige.op": "SigeSparseConv2d", "op_pattern": OUT_EWISE_FUSABLE})
@@ -374,7 +377,8 @@ def _importer_class():
                 scale, shift = per_channel(2, 1.0), per_channel(3, 0.0)
 
                 def gathered(data_, sc, sf):
-                    return sige_te.gather_te(data_[:-1], data_[-1], block, pre, sc, sf)
+                    return sige_te.gather_te(data_[:-1], data_[-1], block, pre, sc, sf,
+                                             resample=sige_te.Resample.from_attrs(attrs))
             present = [t for t in (bias, scale, shift) if t is not None]
             n = len(data)
 

@@ -134,18 +134,43 @@ def concat_load(xs: Sequence[te.Tensor], b, c, h, w):
     return v
 
 
+@dataclass(frozen=True)
+class Resample:
+    """The gathered frame is x resized (nearest, asymmetric, floor): ``frame[r] = x[r * down // up]`` per axis."""
+
+    up: tuple[int, int] = (1, 1)
+    down: tuple[int, int] = (1, 1)
+
+    @staticmethod
+    def from_attrs(attrs: dict) -> "Resample":
+        return Resample(tuple(int(v) for v in attrs.get("upsample", (1, 1))),
+                        tuple(int(v) for v in attrs.get("downsample", (1, 1))))
+
+    def frame(self, h: int, w: int) -> tuple[int, int]:
+        return int(h) * self.up[0] // self.down[0], int(w) * self.up[1] // self.down[1]
+
+    def source(self, axis: int, r):
+        u, d = self.up[axis], self.down[axis]
+        r = r * d if d != 1 else r
+        return tir.floordiv(r, u) if u != 1 else r
+
+
 def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
-              scale: Optional[te.Tensor] = None, shift: Optional[te.Tensor] = None, name: str = "sige_gather"):
-    """``y[b*N+n, c, i, j] = pre(x)[b, c, h_n+i, w_n+j]``, 0 outside the image. ``x`` may be a list of
-    tensors: their channel concatenation, read in place (never materialised)."""
+              scale: Optional[te.Tensor] = None, shift: Optional[te.Tensor] = None, name: str = "sige_gather",
+              resample: Resample = Resample()):
+    """``y[b*N+n, c, i, j] = pre(frame)[b, c, h_n+i, w_n+j]``, 0 outside the frame (``x``, or ``x`` resized by
+    ``resample``; scale/shift per channel then). ``x`` may be a list of tensors: their channel concatenation, read
+    in place (never materialised)."""
     xs = list(x) if isinstance(x, (list, tuple)) else [x]
     x = xs[0]
-    B, _, H, W = x.shape
+    B = x.shape[0]
+    H, W = resample.frame(x.shape[2], x.shape[3])
     C = sum(int(t.shape[1]) for t in xs)
     N = indices.shape[0]
     bh, bw = int(block[0]), int(block[1])
 
     def load(part: PreOp, b, c, h, w):
+        h, w = resample.source(0, h), resample.source(1, w)
         xv = x[b, c, h, w] if len(xs) == 1 else concat_load(xs, b, c, h, w)
         return _apply_pre(xv, part, scale, shift, (b, c, h, w))
 
@@ -169,9 +194,10 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
 
 
 def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
-                     pre: PreOp = PreOp()):
+                     pre: PreOp = PreOp(), resample: Resample = Resample()):
     """SigeSparseConv2d = Conv(SigeGather(x, indices), weight, bias, pads=0, strides, group)."""
-    return block_conv_te(gather_te(x, indices, block, pre, scale, shift), weight, bias, strides=strides, group=group)
+    return block_conv_te(gather_te(x, indices, block, pre, scale, shift, resample=resample), weight, bias,
+                         strides=strides, group=group)
 
 
 def block_conv_te(g, weight, bias=None, *, strides=(1, 1), group=1):
