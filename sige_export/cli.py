@@ -72,6 +72,7 @@ def check_target(target: str) -> str:
 class ExportOptions:
     block_size: Optional[int] = None
     sparse_min_res: Optional[int] = None
+    sparse_min_blocks: Optional[int] = None
     attention_min_res: Optional[int] = None
     norm_stats: str = "update"
     opset: int = 17
@@ -88,6 +89,8 @@ class ExportOptions:
             kw["block_size"] = self.block_size
         if self.sparse_min_res is not None:
             kw["sparse_min_res"] = self.sparse_min_res
+        if self.sparse_min_blocks is not None:
+            kw["sparse_min_blocks"] = self.sparse_min_blocks
         if self.attention_min_res is not None:
             kw["attention_min_res"] = self.attention_min_res
         return SparsifyOptions(**kw)
@@ -166,6 +169,8 @@ def export_command(
     block_size: Optional[int] = typer.Option(None, "--block-size", help="SIGE block size (sparse targets)"),
     sparse_min_res: Optional[int] = typer.Option(None, "--sparse-min-res",
                                                  help="smallest resolution run sparsely (sparse targets)"),
+    sparse_min_blocks: Optional[int] = typer.Option(None, "--sparse-min-blocks",
+                                                    help="convolutions over fewer blocks run dense (default 8)"),
     attention_min_res: Optional[int] = typer.Option(None, "--attention-min-res",
                                                     help="transformers on smaller maps run dense (default 64)"),
     norm_stats: NormStats = typer.Option(NormStats.update, "--norm-stats",
@@ -178,7 +183,8 @@ def export_command(
         help="time sparse edits against dense on this machine and store the crossover in the artifact "
              "(default: on for --target host)"),
 ) -> None:
-    opts = ExportOptions(block_size=block_size, sparse_min_res=sparse_min_res, attention_min_res=attention_min_res,
+    opts = ExportOptions(block_size=block_size, sparse_min_res=sparse_min_res, sparse_min_blocks=sparse_min_blocks,
+                         attention_min_res=attention_min_res,
                          norm_stats=norm_stats.value, opset=opset, size=size, seed=seed, calibrate=calibrate)
     try:
         path = export(model, target, output, arch=arch, input_shape=input_shape, trust_pickle=trust_pickle,
