@@ -90,9 +90,11 @@ def _cases():
                  helper.make_node("Conv", ["g", "w"], ["y"], group=group)]
         inputs = [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, H, W]), vi("smap", [H, W], TensorProto.INT32),
                   idx_vi, vi("sc", [1, C, 1, 1]), vi("sh", [1, C, 1, 1])]
-        g = custom_ops.reference("SigeScatterGather", blocks, x, smap, gidx, sc, sh, **pre)
+        # 1x1: also the windows of the scattered blocks' own grid (whole blocks, all base, crossing the border)
+        windows = np.concatenate([gidx, gidx + 1]).astype(np.int32) if k == 1 else gidx
+        g = custom_ops.reference("SigeScatterGather", blocks, x, smap, windows, sc, sh, **pre)
         yield (f"conv{k}x{k}(SigeScatterGather) group={group}", make_model(nodes, inputs, [vi("y", None)], [init("w", w)]),
-               {"blocks": ("BN1", C, 4, 4)}, [blocks, x, smap, gidx, sc, sh], ref_conv(g, w, group=group))
+               {"blocks": ("BN1", C, 4, 4)}, [blocks, x, smap, windows, sc, sh], ref_conv(g, w, group=group))
 
     node = custom_ops.make_node("SigeScatter", ["blocks", "base", "idx"], ["y"], offset=[1, 1], stride=[1, 1])
     yield ("SigeScatter", make_model([node], [vi("blocks", ["BN1", C, 4, 4]), vi("base", [B, C, H, W]), idx_vi],

@@ -441,6 +441,8 @@ def test_conv_of_scatter_gather_is_one_sparse_conv(kind, activation):
         blocks = f32(B * sidx.shape[0], c, 4, 4)
         smap = scatter_map((Ho, Wo), sidx, SC_ATTRS["offset"], SC_ATTRS["stride"], (4, 4))
         gidx = gather_grid(n2)
+        if kind == "pointwise":  # windows on the scattered blocks' grid too: whole blocks, all base, the border
+            gidx = np.concatenate([gidx, sidx + 1, gather_grid(n2) + 1]).astype(np.int32)
         g = custom_ops.reference("SigeScatterGather", blocks, base, smap, gidx, sc, sh, **attrs)
         assert_close(lib.run(blocks, base, smap, gidx, sc, sh), ref_conv(g, w, bias, group=group), rtol=1e-4,
                      atol=1e-4, what=f"scatter-gather {kind} conv N1={n1} N2={n2}")

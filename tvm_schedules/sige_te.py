@@ -347,6 +347,15 @@ def scatter_moments_te(blocks, base, indices: te.Tensor, mean: te.Tensor, scale=
                             "sige_scatter_moments")
 
 
+def _pick(cond, a, b):
+    """``a`` where ``cond`` else ``b`` (float32) by bit masks: both evaluated (their loads must be valid), no
+    branch and no select (under a select's condition the simplifier may drop the clamps of its operands)."""
+    mask = tir.const(0, "int32") - tir.Cast("int32", cond)
+    bits = tir.bitwise_or(tir.bitwise_and(tir.reinterpret("int32", a), mask),
+                          tir.bitwise_and(tir.reinterpret("int32", b), tir.bitwise_not(mask)))
+    return tir.reinterpret("float32", bits)
+
+
 def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):
     """SigeScatterGather: gather from the virtual scatter of ``blocks`` into ``base`` (via ``scatter_map``)."""
     B, C, Ho, Wo = base.shape
@@ -356,11 +365,13 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
     N1 = tir.floordiv(BN1, B)
     php = int(ph) * int(pw)
 
+    aligned_windows = (bh, bw) == (int(ph), int(pw))
+
     def f(part: PreOp, bn, c, i, j):
         b = tir.floordiv(bn, N)
         n = tir.floormod(bn, N)
-        h = _i64(indices[n, 0]) + i
-        w = _i64(indices[n, 1]) + j
+        h0, w0 = _i64(indices[n, 0]), _i64(indices[n, 1])
+        h, w = h0 + i, w0 + j
         inside = tir.all(h >= 0, h < Ho, w >= 0, w < Wo)
         hc = tir.max(tir.min(h, Ho - 1), 0)
         wc = tir.max(tir.min(w, Wo - 1), 0)
@@ -369,9 +380,30 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
         m = tir.floordiv(sc, php)
         r = tir.floormod(sc, php)
         bv = blocks[tir.max(tir.min(b * N1 + m, BN1 - 1), 0), c, tir.floordiv(r, pw), tir.floormod(r, pw)]
-        v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
-        v = _apply_pre(v, part, scale, shift, (b, c, hc, wc))
-        return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
+        if not aligned_windows:
+            v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
+            v = _apply_pre(v, part, scale, shift, (b, c, hc, wc))
+            return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
+        # per-pixel choices by bit masks, not branches: the schedules vectorise these windows over their pixels,
+        # and a branch on a per-lane condition would keep the whole tile scalar
+        v = _apply_pre(_pick(s >= 0, bv, base[b, c, hc, wc]), part, scale, shift, (b, c, hc, wc))
+        v = _pick(inside, v, tir.const(0.0, base.dtype))
+        # A window of the scattered blocks' size inside the image is one whole block when its corners are that
+        # block's first and last elements, and all base when no corner is covered (a block overlapping a window
+        # of its size covers one of its corners): both read rows at addresses affine in the column (the 1x1
+        # convs after a 3x3 conv, whose grids coincide).
+        interior = tir.all(h0 >= 0, h0 + bh <= Ho, w0 >= 0, w0 + bw <= Wo)
+        h1 = tir.max(tir.min(h0 + (bh - 1), Ho - 1), 0)
+        w1 = tir.max(tir.min(w0 + (bw - 1), Wo - 1), 0)
+        h0c, w0c = tir.max(tir.min(h0, Ho - 1), 0), tir.max(tir.min(w0, Wo - 1), 0)
+        first, last = _i64(scatter_map[h0c, w0c]), _i64(scatter_map[h1, w1])
+        whole = tir.all(interior, first >= 0, tir.floormod(first, php) == 0, last == first + (php - 1))
+        empty = tir.all(interior, first < 0, last < 0, scatter_map[h0c, w1] < 0, scatter_map[h1, w0c] < 0)
+        # (the branches run only for windows inside the image: their unclamped rows are valid there)
+        block_v = _apply_pre(blocks[tir.max(tir.min(b * N1 + tir.floordiv(first, php), BN1 - 1), 0), c, i, j],
+                             part, scale, shift, (b, c, h, w))
+        base_v = _apply_pre(base[b, c, h, w], part, scale, shift, (b, c, h, w))
+        return tir.if_then_else(whole, block_v, tir.if_then_else(empty, base_v, v))
 
     return _gather_compute((B * N, C, bh, bw), f, pre, "sige_scatter_gather")
 

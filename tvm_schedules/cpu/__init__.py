@@ -313,6 +313,57 @@ class Conv2dNCHW(ScheduleRule):
         return sch
 
 
+class PointwiseBlocks(ScheduleRule):
+    """A 1x1 conv over gathered blocks of one vector of pixels (4 x 4 from a scatter-gather): per block, the
+    gathered tile [C, 16] on the stack (a window that is one whole scattered block, or all base, loads a vector
+    per row: ``sige_te.scatter_gather_te``), then 16 output channels x 16 pixels of accumulators, each input
+    channel one vector load and 16 FMAs with broadcast weights; the output is written in NCHW order, no
+    transpose."""
+
+    name = "cpu.pointwise_blocks"
+
+    def apply(self, func, target):
+        matched = _match_conv(func, target)
+        if matched is None:
+            return None
+        sch, conv, before, after = matched
+        lanes = vector_lanes(target)
+        n, co, oh, ow, rc, rh, rw = sch.get_loops(conv)
+        cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
+        if None in (cout, eh, ew) or (_loop_extent(sch, rh), _loop_extent(sch, rw)) != (1, 1) or eh * ew != lanes:
+            return None
+        conv_block = sch.get(conv)
+        producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
+                                              for r in conv_block.reads)]
+        if len(producers) != 1 or sch.get(producers[0]).name_hint != "sige_scatter_gather":
+            return None
+        tile = producers[0]
+        stage = next((b for b in before if sch.get(b).name_hint == "sige_scatter_gather_raw"), None)
+        for b in before:
+            if not sch.get(b).same_as(sch.get(tile)) and (stage is None or not sch.get(b).same_as(sch.get(stage))):
+                try:
+                    sch.compute_inline(b)
+                except Exception:
+                    pass
+        last = _accumulate_locally(sch, conv, after)
+        chunk = _largest_divisor(cout, 16)
+        co_o, co_i = sch.split(co, [None, chunk])
+        sch.reorder(n, co_o, rc, rh, rw, co_i, oh, ow)
+        for t in [tile] + ([stage] if stage is not None else []):  # consumer first
+            sch.compute_at(t, n, preserve_unit_loops=True)
+            sch.set_scope(t, 0, "local")
+            if not _vectorize_flat(sch, t, 2, lanes):
+                return None
+        sch.reverse_compute_at(last, co_o, preserve_unit_loops=True)
+        if not _vectorize_flat(sch, last, 2, lanes):
+            return None
+        sch.vectorize(sch.fuse(oh, ow))
+        sch.unroll(co_i)
+        sch.parallel(n)
+        sch.decompose_reduction(conv, rc)
+        return sch
+
+
 class DepthwiseConv2d(ScheduleRule):
     """Depthwise NCHW conv over a wide image (``Cin/group == 1``): vectorised along the output row, a
     ``th x 2V`` register tile per channel, the zero-padded input rows of one band in a stack buffer. (The
@@ -778,9 +829,9 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 
 def default_rules():
-    return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), Conv2dNCHW(), Matmul(),
-            Generic()]
+    return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), PointwiseBlocks(), Conv2dNCHW(),
+            Matmul(), Generic()]
 
 
-__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic",
+__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "PointwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic",
            "default_rules", "vector_lanes"]
