@@ -145,7 +145,7 @@ def bench_model(model: str, a, log) -> dict:
         edited = {**feeds, src: apply_edit(feeds[src], mask)}
         full = engine._edit_inputs(entry, edited, idx)
         t_edit = _median(lambda: backend.edit(full), a.edit_reps)
-        t_e2e = _median(lambda: engine.edit(**edited, mask=mask), max(3, a.edit_reps // 3))
+        t_e2e = _median(lambda: engine.edit(**edited, mask=mask), a.edit_reps)
         e2e_mode = engine.last_edit.mode  # "dense" above the artifact's calibrated crossover
         t_ort_r = _median(lambda: sess.run(None, ort_feeds), 1, warmup=0)  # side by side, one dense run
         emacs = edit_macs(program, idx)

@@ -171,6 +171,23 @@ def _accumulate_locally(sch, conv, epilogue: list):
     return chain[-1]
 
 
+def _producers(sch, block, before: list) -> list:
+    """The blocks of ``before`` that write a buffer ``block`` reads (its data producers)."""
+    reads = [_buf(r) for r in sch.get(block).reads]
+    return [b for b in before if any(_buf(w).same_as(r) for w in sch.get(b).writes for r in reads)]
+
+
+def _inline_except(sch, blocks: list, keep: list) -> None:
+    """Inline ``blocks`` into their consumers, except those in ``keep`` (a block that cannot be inlined stays)."""
+    kept = [sch.get(k) for k in keep]
+    for b in blocks:
+        if not any(sch.get(b).same_as(k) for k in kept):
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
+
+
 def _find_conv(sch):
     """The root block with 4 spatial and 3 reduction iterators (an NCHW conv), or None."""
     for b in _root_blocks(sch):
@@ -263,16 +280,10 @@ class Conv2dNCHW(ScheduleRule):
         sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
 
         # data producer (pad / gather / scatter-gather): per tile into a stack buffer (small dense images: once)
-        producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
-                                              for r in conv_block.reads)]
+        producers = _producers(sch, conv, before)
         raw = {sch.get(b).name_hint: b for b in before if sch.get(b).name_hint.endswith("_raw")}
         staged = [(p, raw[sch.get(p).name_hint + "_raw"]) for p in producers if sch.get(p).name_hint + "_raw" in raw]
-        for b in before:
-            if b not in producers and not any(sch.get(b).same_as(sch.get(r)) for _, r in staged):
-                try:
-                    sch.compute_inline(b)
-                except Exception:
-                    pass
+        _inline_except(sch, before, producers + [r for _, r in staged])
         pointwise = (_loop_extent(sch, rh), _loop_extent(sch, rw)) == (1, 1)
         for p in producers:
             if channels_outer and not gathers:
@@ -332,19 +343,12 @@ class PointwiseBlocks(ScheduleRule):
         cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
         if None in (cout, eh, ew) or (_loop_extent(sch, rh), _loop_extent(sch, rw)) != (1, 1) or eh * ew != lanes:
             return None
-        conv_block = sch.get(conv)
-        producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
-                                              for r in conv_block.reads)]
+        producers = _producers(sch, conv, before)
         if len(producers) != 1 or sch.get(producers[0]).name_hint != "sige_scatter_gather":
             return None
         tile = producers[0]
         stage = next((b for b in before if sch.get(b).name_hint == "sige_scatter_gather_raw"), None)
-        for b in before:
-            if not sch.get(b).same_as(sch.get(tile)) and (stage is None or not sch.get(b).same_as(sch.get(stage))):
-                try:
-                    sch.compute_inline(b)
-                except Exception:
-                    pass
+        _inline_except(sch, before, [tile] + ([stage] if stage is not None else []))
         last = _accumulate_locally(sch, conv, after)
         chunk = _largest_divisor(cout, 16)
         co_o, co_i = sch.split(co, [None, chunk])
@@ -393,15 +397,8 @@ class DepthwiseConv2d(ScheduleRule):
         ow_o, ow_i = sch.split(ow, [None, tw])
         ow_v, ow_l = sch.split(ow_i, [None, lanes])
         sch.reorder(n, co, oh_o, ow_o, rc, rh, rw, oh_i, ow_v, ow_l)
-        conv_block = sch.get(conv)
-        producers = [b for b in before if any(_buf(w).same_as(_buf(r)) for w in sch.get(b).writes
-                                              for r in conv_block.reads)]
-        for b in before:
-            if b not in producers:
-                try:
-                    sch.compute_inline(b)
-                except Exception:
-                    pass
+        producers = _producers(sch, conv, before)
+        _inline_except(sch, before, producers)
         for p in producers:  # the padded rows of one band of output rows, per channel
             sch.compute_at(p, oh_o, preserve_unit_loops=True)
             sch.set_scope(p, 0, "local")
