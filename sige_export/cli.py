@@ -117,6 +117,10 @@ def export(model: str, target: str, output: str | os.PathLike | None = None, *, 
 
     options = options or ExportOptions()
     check_target(target)
+    try:
+        sparsify_options = options.sparsify_options()  # bad values fail before the model is loaded
+    except ValueError as e:
+        raise CliError(str(e).replace("_", "-")) from None
     output = Path(output) if output is not None else default_output(model, target)
     if target not in (DENSE_ONNX, "onnx"):
         from .targets import ToolchainError, get  # noqa: PLC0415
@@ -138,7 +142,7 @@ def export(model: str, target: str, output: str | os.PathLike | None = None, *, 
         frontend.save_onnx(dense, output)
         return output
     try:
-        result = sparsify(dense, options.sparsify_options())
+        result = sparsify(dense, sparsify_options)
     except SparsifyError as e:
         raise CliError(str(e)) from None
     m = result.manifest

@@ -81,10 +81,12 @@ class SparsifyOptions:
     def __post_init__(self) -> None:
         if self.norm_stats not in ("original", "update"):
             raise ValueError(f"norm_stats must be 'original' or 'update', got {self.norm_stats!r}")
-        if self.block_size < 1 or self.block_size_1x1 < 1:
-            raise ValueError("block sizes must be positive")
-        if self.sparse_min_res < 1 or self.sparse_min_blocks < 1:
-            raise ValueError("sparse_min_res and sparse_min_blocks must be positive")
+        for name in ("block_size", "block_size_1x1", "sparse_min_res", "sparse_min_blocks", "attention_min_res",
+                     "mask_dilation"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "mask_dilation" else 1):
+                least = "non-negative" if name == "mask_dilation" else "positive"
+                raise ValueError(f"{name} must be a {least} integer, got {value!r}")
 
 
 class SparsifyError(ValueError):

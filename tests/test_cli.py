@@ -66,6 +66,14 @@ def test_export_errors_are_clean(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("flag", ["--sparse-min-blocks", "--sparse-min-res", "--block-size"])
+def test_bad_sparsify_options_are_clean(tmp_path: Path, flag: str) -> None:
+    res = CliRunner().invoke(cli.export_app, ["ddpm-church256", "--size", "tiny", "--target", "onnx", flag, "0",
+                                              "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and f"{flag[2:]} must be a positive integer, got 0" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.onnx").exists()
+
+
 def test_targets_lists_every_target(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main(["targets", "--json"])
