@@ -435,6 +435,10 @@ def test_conv_of_scatter_gather_is_one_sparse_conv(kind, activation):
     assert names.count("sige_sparse_conv2d") == 1 and not any(n.startswith("sige_scatter_gather") for n in names), names
     if kind == "depthwise" and c % vector_lanes(get_target("host").tvm_target()) == 0:
         assert ("sige_sparse_conv2d", "cpu.depthwise_blocks", "ok") in lib.schedule_log, lib.schedule_log
+    if kind == "pointwise":  # vectors over the block's 16 pixels, whatever the vector width (16 here, 4 on the M1)
+        assert ("sige_sparse_conv2d", "cpu.pointwise_blocks", "ok") in lib.schedule_log, lib.schedule_log
+        m1 = compile_program(m, "m1", {"blocks": ("BN1", c, 4, 4)})
+        assert ("sige_sparse_conv2d", "cpu.pointwise_blocks", "ok") in m1.schedule_log, m1.schedule_log
     base, sc, sh = f32(B, c, Ho, Wo), f32(c, 1, 1), f32(1, c, 1, 1)
     for n1, n2 in [(4, 3), (0, 2), (3, 0), (7, 9)]:
         sidx = gather_grid(n1)

@@ -359,8 +359,12 @@ def _importer_class():
                 scale = self._nodes[sg.input[4]] if len(sg.input) > 4 and sg.input[4] else None
                 shift = self._nodes[sg.input[5]] if len(sg.input) > 5 and sg.input[5] else None
 
+                w_shape = [int(d) for d in _shape_of(w)]
+                pointwise = group == 1 and w_shape[2:4] == [1, 1]
+
                 def gathered(data_, sc, sf):
-                    return sige_te.scatter_gather_te(*data_, block=block, pre=pre, scale=sc, shift=sf)
+                    return sige_te.scatter_gather_te(*data_, block=block, pre=pre, scale=sc, shift=sf,
+                                                     vector_pixels=pointwise)
             else:
                 data = [self._nodes[g.input[0]] for g in sources] + [self._nodes[sources[0].input[1]]]
                 chans = [int(_shape_of(x)[1]) for x in data[:-1]]

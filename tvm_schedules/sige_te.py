@@ -356,8 +356,13 @@ def _pick(cond, a, b):
     return tir.reinterpret("float32", bits)
 
 
-def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None):
-    """SigeScatterGather: gather from the virtual scatter of ``blocks`` into ``base`` (via ``scatter_map``)."""
+def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp = PreOp(), scale=None, shift=None,
+                      vector_pixels: bool = False):
+    """SigeScatterGather: gather from the virtual scatter of ``blocks`` into ``base`` (via ``scatter_map``).
+
+    ``vector_pixels``: the consumer vectorises over a window's pixels (a 1x1 conv over its blocks:
+    ``cpu.pointwise_blocks``), so each pixel picks its source by bit masks; otherwise by a branch per pixel,
+    which loads only the side it takes (vectors of channels per pixel, or scalar code)."""
     B, C, Ho, Wo = base.shape
     BN1, _, ph, pw = blocks.shape
     N = indices.shape[0]
@@ -380,14 +385,14 @@ def scatter_gather_te(blocks, base, scatter_map, indices, *, block, pre: PreOp =
         m = tir.floordiv(sc, php)
         r = tir.floormod(sc, php)
         bv = blocks[tir.max(tir.min(b * N1 + m, BN1 - 1), 0), c, tir.floordiv(r, pw), tir.floormod(r, pw)]
+        if vector_pixels:  # a branch on a per-lane condition would keep the whole tile scalar
+            v = _apply_pre(_pick(s >= 0, bv, base[b, c, hc, wc]), part, scale, shift, (b, c, hc, wc))
+            v = _pick(inside, v, tir.const(0.0, base.dtype))
+        else:
+            v = _apply_pre(tir.if_then_else(s >= 0, bv, base[b, c, hc, wc]), part, scale, shift, (b, c, hc, wc))
+            v = tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
         if not aligned_windows:
-            v = tir.if_then_else(s >= 0, bv, base[b, c, hc, wc])
-            v = _apply_pre(v, part, scale, shift, (b, c, hc, wc))
-            return tir.if_then_else(inside, v, tir.const(0.0, base.dtype))
-        # per-pixel choices by bit masks, not branches: the schedules vectorise these windows over their pixels,
-        # and a branch on a per-lane condition would keep the whole tile scalar
-        v = _apply_pre(_pick(s >= 0, bv, base[b, c, hc, wc]), part, scale, shift, (b, c, hc, wc))
-        v = _pick(inside, v, tir.const(0.0, base.dtype))
+            return v
         # A window of the scattered blocks' size inside the image is one whole block when its corners are that
         # block's first and last elements, and all base when no corner is covered (a block overlapping a window
         # of its size covers one of its corners): both read rows at addresses affine in the column (the 1x1

@@ -325,11 +325,11 @@ class Conv2dNCHW(ScheduleRule):
 
 
 class PointwiseBlocks(ScheduleRule):
-    """A 1x1 conv over gathered blocks of one vector of pixels (4 x 4 from a scatter-gather): per block, the
-    gathered tile [C, 16] on the stack (a window that is one whole scattered block, or all base, loads a vector
-    per row: ``sige_te.scatter_gather_te``), then 16 output channels x 16 pixels of accumulators, each input
-    channel one vector load and 16 FMAs with broadcast weights; the output is written in NCHW order, no
-    transpose."""
+    """A 1x1 conv over a scatter-gather's blocks, vectorised over a block's pixels (4 x 4: one vector of 16 lanes,
+    or several): per block, the gathered tile [C, 16] on the stack (a window that is one whole scattered block, or
+    all base, loads a vector per row: ``sige_te.scatter_gather_te``), then 16 vectors of accumulators (output
+    channels x pixels), each input channel one load per pixel vector and broadcast-weight FMAs; the output is
+    written in NCHW order, no transpose."""
 
     name = "cpu.pointwise_blocks"
 
@@ -341,7 +341,7 @@ class PointwiseBlocks(ScheduleRule):
         lanes = vector_lanes(target)
         n, co, oh, ow, rc, rh, rw = sch.get_loops(conv)
         cout, eh, ew = _loop_extent(sch, co), _loop_extent(sch, oh), _loop_extent(sch, ow)
-        if None in (cout, eh, ew) or (_loop_extent(sch, rh), _loop_extent(sch, rw)) != (1, 1) or eh * ew != lanes:
+        if None in (cout, eh, ew) or (_loop_extent(sch, rh), _loop_extent(sch, rw)) != (1, 1) or (eh * ew) % lanes:
             return None
         producers = _producers(sch, conv, before)
         if len(producers) != 1 or sch.get(producers[0]).name_hint != "sige_scatter_gather":
@@ -350,7 +350,7 @@ class PointwiseBlocks(ScheduleRule):
         stage = next((b for b in before if sch.get(b).name_hint == "sige_scatter_gather_raw"), None)
         _inline_except(sch, before, [tile] + ([stage] if stage is not None else []))
         last = _accumulate_locally(sch, conv, after)
-        chunk = _largest_divisor(cout, 16)
+        chunk = _largest_divisor(cout, max(1, 16 * lanes // (eh * ew)))  # 16 vectors of accumulators
         co_o, co_i = sch.split(co, [None, chunk])
         sch.reorder(n, co_o, rc, rh, rw, co_i, oh, ow)
         for t in [tile] + ([stage] if stage is not None else []):  # consumer first
@@ -361,7 +361,9 @@ class PointwiseBlocks(ScheduleRule):
         sch.reverse_compute_at(last, co_o, preserve_unit_loops=True)
         if not _vectorize_flat(sch, last, 2, lanes):
             return None
-        sch.vectorize(sch.fuse(oh, ow))
+        px_o, px = sch.split(sch.fuse(oh, ow), [None, lanes])
+        sch.vectorize(px)
+        sch.unroll(px_o)
         sch.unroll(co_i)
         sch.parallel(n)
         sch.decompose_reduction(conv, rc)
