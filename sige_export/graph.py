@@ -245,3 +245,110 @@ def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelPr
         graph.node.extend(keep)
         graph.initializer.extend(new_inits)
     return model
+
+
+def conv_transposes_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite each 2-D ConvTranspose of stride s (equal on both axes, constant weights, group 1) as a Conv
+    with s * s phases of output channels followed by DepthToSpace(s).
+
+    Output pixel ``Y = m * s + p`` of a transposed conv sums input pixels ``m - d`` for the taps
+    ``kh = d * s + p + pad``; the Conv's kernel spans the union of ``d`` over the phases (3 x 3 for k4 s2 p1,
+    2 x 2 for k3 s2 p1 op1, 1 x 1 for k2 s2), zero where a phase has no tap; an output that is not a
+    multiple of the stride is cropped by a Slice. A Conv has sparse rules and schedules (a ConvTranspose
+    ran dense, unscheduled, in both passes); transposes with dilation, groups or ``output_shape`` are left
+    as they are.
+    """
+    graph = model.graph
+    if not any(n.op_type == "ConvTranspose" for n in graph.node):
+        return model
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    inits = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        plan = _conv_transpose_plan(node, shapes, inits)
+        if plan is None:
+            nodes.append(node)
+            continue
+        weight, bias, pads, stride, crop = plan
+        base = node.name or node.output[0]
+        wname, bname = f"{base}/phase_weight", f"{base}/phase_bias"
+        graph.initializer.extend([numpy_helper.from_array(weight, wname), numpy_helper.from_array(bias, bname)])
+        conv_out = f"{base}/phases" if stride > 1 else node.output[0]
+        nodes.append(helper.make_node("Conv", [node.input[0], wname, bname], [conv_out], name=f"{base}/phase_conv",
+                                      kernel_shape=list(weight.shape[2:]), pads=pads, strides=[1, 1]))
+        if stride > 1:
+            shuffled = f"{base}/shuffled" if crop else node.output[0]
+            nodes.append(helper.make_node("DepthToSpace", [conv_out], [shuffled], name=f"{base}/depth_to_space",
+                                          blocksize=stride, mode="DCR"))
+            if crop:
+                starts, ends, axes = f"{base}/crop_starts", f"{base}/crop_ends", f"{base}/crop_axes"
+                graph.initializer.extend([numpy_helper.from_array(np.zeros(2, np.int64), starts),
+                                          numpy_helper.from_array(np.array(crop, np.int64), ends),
+                                          numpy_helper.from_array(np.array([2, 3], np.int64), axes)])
+                nodes.append(helper.make_node("Slice", [shuffled, starts, ends, axes], [node.output[0]],
+                                              name=f"{base}/crop"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
+def _conv_transpose_plan(node: onnx.NodeProto, shapes: dict, inits: dict
+                         ) -> tuple[np.ndarray, np.ndarray, list[int], int, list[int] | None] | None:
+    """``(conv weight, conv bias, conv pads, stride, crop)`` of the phase Conv of a ConvTranspose, or None
+    (``crop``: the output's height and width where the shuffled phases are larger)."""
+    if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+        return None
+    a = attrs_of(node)
+    w = numpy_helper.to_array(inits[node.input[1]])
+    xshape = shapes.get(node.input[0], [])
+    if w.ndim != 4 or len(xshape) != 4 or min(xshape[2:]) <= 0 or w.dtype != np.float32:
+        return None
+    if int(a.get("group", 1)) != 1 or "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return None
+    strides = list(a.get("strides", [1, 1]))
+    if list(a.get("dilations", [1, 1])) != [1, 1] or strides[0] != strides[1]:
+        return None
+    s = int(strides[0])
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    out_pad = list(a.get("output_padding", [0, 0]))
+    cin, cout, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    taps, conv_pads, sizes = [], [0, 0, 0, 0], []
+    for axis in range(2):
+        k, begin, n = int(kernel[axis]), int(pads[axis]), int(xshape[2 + axis])
+        out = (n - 1) * s - begin - int(pads[2 + axis]) + k + int(out_pad[axis])
+        # per phase p, the offsets d (input m - d) with a tap k_index = d * s + p + begin
+        ds = [d for p in range(s) for d in range(-((p + begin) // s), (k - 1 - p - begin) // s + 1)]
+        if out <= 0 or not ds:
+            return None
+        lo, hi = min(ds), max(ds)
+        size = hi - lo + 1
+        end = -(-out // s) - 1 + size - n - hi
+        if hi < 0 or end < 0:
+            return None
+        taps.append((k, begin, hi, size))
+        sizes.append(out)
+        conv_pads[axis], conv_pads[2 + axis] = hi, end
+    (kh, bh, ph, sh), (kw, bw, pw, sw) = taps
+    weight = np.zeros((s * s * cout, cin, sh, sw), np.float32)
+    for rh in range(s):
+        for rw in range(s):
+            rows = slice((rh * s + rw) * cout, (rh * s + rw + 1) * cout)  # DCR: phase-major channels
+            for jh in range(sh):
+                th = (ph - jh) * s + rh + bh
+                for jw in range(sw):
+                    tw = (pw - jw) * s + rw + bw
+                    if 0 <= th < kh and 0 <= tw < kw:
+                        weight[rows, :, jh, jw] = w[:, :, th, tw].T
+    bias = np.zeros(cout, np.float32)
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in inits:
+            return None
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+    crop = sizes if any(o % s for o in sizes) else None
+    return weight, np.tile(bias, s * s), conv_pads, s, crop

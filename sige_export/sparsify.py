@@ -30,7 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .mask import BlockConfig, snap_block
 from .token_rules import Rows, TokenRules
-from .graph import GraphInfo, attrs_of, constants_to_initializers, fold_constants, topological_nodes
+from .graph import (GraphInfo, attrs_of, constants_to_initializers, conv_transposes_as_convs, fold_constants,
+                    topological_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ DENSE_OK = {
     "MatMul", "Gemm", "Einsum", "Conv", "ConvTranspose", "Resize", "Upsample", "AveragePool", "MaxPool",
     "GlobalAveragePool", "Pad", "ReduceMean", "ReduceSum", "InstanceNormalization",
     "GroupNormalization", "BatchNormalization", "LayerNormalization", "Dropout", "Tile",
+    "DepthToSpace", "SpaceToDepth",
 }
 
 ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -1220,7 +1222,7 @@ def sparsify(dense: onnx.ModelProto, options: SparsifyOptions | None = None) -> 
     """Build the SIGE program (prime + edit in one graph) from a dense ONNX model with static shapes."""
     options = options or SparsifyOptions()
     _check_static(dense)
-    prepared = fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET)))
+    prepared = conv_transposes_as_convs(fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET))))
     # Pass 1 learns which pending scatters get materialised anyway; pass 2 skips fusing those
     # into ScatterGather (the full tensor exists, so a plain sparse conv over it is cheaper).
     first = _Sparsifier(prepared, options, set())

@@ -20,6 +20,8 @@ from tests.helpers import assert_close, assert_close_relative
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_HOT = {"gaugan-cityscapes": 7}  # tiny GauGAN: 7 labels + instance edge
+# Removed when the session ends (the programs below are cached for the whole session).
+_EXPORTS = tempfile.TemporaryDirectory(prefix="sige-rt-")
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +29,7 @@ def exported(name: str, norm_stats: str = "original") -> Path:
     """The tiny zoo model exported as a portable program through the CLI's export (cached per session)."""
     from sige_export.cli import ExportOptions, export
 
-    out = Path(tempfile.mkdtemp(prefix="sige-rt-")) / f"{name}.sige.onnx"
+    out = Path(_EXPORTS.name) / f"{name}-{norm_stats}.sige.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return export(name, "onnx", out, options=ExportOptions(size="tiny", norm_stats=norm_stats))

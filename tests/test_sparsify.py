@@ -92,6 +92,27 @@ class ResampleNet(nn.Module):
         return self.out(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # 32 x 32
 
 
+class UpsamplingNet(nn.Module):
+    """pix2pix / U-Net decoders: transposed convs (k4 s2 p1, k3 s2 p1 op1, k2 s2, and k3 s2 p1 whose output is
+    one short of twice the input)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, c, 3, 2, 1)  # 16 x 16
+        self.up4 = nn.ConvTranspose2d(c, c, 4, 2, 1)  # 32
+        self.down = nn.Conv2d(c, c, 3, 2, 1)  # 16
+        self.up3 = nn.ConvTranspose2d(c, c, 3, 2, 1, output_padding=1)  # 32
+        self.down2 = nn.Conv2d(c, c, 2, 2)  # 16
+        self.up2 = nn.ConvTranspose2d(c, c, 2, 2)  # 32
+        self.odd = nn.ConvTranspose2d(c, 3, 3, 2, 1)  # 63
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.up4(self.conv_in(x)))
+        h = F.relu(self.up3(self.down(h))) + h
+        h = self.up2(self.down2(h))
+        return torch.tanh(self.odd(h))
+
+
 def _dense_onnx(model: nn.Module, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -334,3 +355,53 @@ def test_nearest_resizes_are_read_through_by_the_gathers() -> None:
     out = engine.edit(local)
     assert engine.last_edit.mode == "sparse"
     assert_close(out[..., 16:, :12], primed[..., 16:, :12], rtol=0, atol=1e-6, what="far from the edit")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_conv_transposes_become_phase_convs(seed: int) -> None:
+    """The rewrite alone, over random geometries, against torch's ConvTranspose2d (run by onnxruntime)."""
+    import onnxruntime as ort
+
+    from sige_export.graph import conv_transposes_as_convs
+
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        k, s = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        p, op = int(rng.integers(0, k)), int(rng.integers(0, s))
+        ci, co, h, w = (int(v) for v in [*rng.integers(1, 6, 2), *rng.integers(3, 9, 2)])
+        torch.manual_seed(seed)
+        layer = nn.ConvTranspose2d(ci, co, k, s, p, output_padding=op, bias=bool(rng.integers(0, 2)))
+        x = torch.randn(1, ci, h, w)
+        rewritten = conv_transposes_as_convs(_dense_onnx(layer, {"x": x}))
+        ops = [n.op_type for n in rewritten.graph.node]
+        assert "ConvTranspose" not in ops and "Conv" in ops, ops
+        onnx.checker.check_model(rewritten, full_check=True)
+        got = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            assert_close(got, layer(x).numpy(), rtol=1e-5, atol=1e-5, what=f"k{k} s{s} p{p} op{op} {h}x{w}")
+
+
+def test_transposed_convs_run_sparse() -> None:
+    torch.manual_seed(0)
+    model = UpsamplingNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = _dense_onnx(model, {"x": x})
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    edit = [n for n in result.model.graph.node if n.name.startswith("edit/")]
+    assert not [n.name for n in result.model.graph.node if n.op_type == "ConvTranspose"]
+    assert not result.warnings, result.warnings
+    assert len(result.manifest["sparse_convs"]) == 7, result.manifest["sparse_convs"]
+    assert sum(n.op_type == "DepthToSpace" for n in edit) == 4
+    engine = _engine(dense)
+    engine.prime(x.numpy())
+    edited = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited)).numpy()
+    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
+    local = x.numpy().copy()
+    local[..., 2:7, 20:26] += 1.0
+    primed = engine.prime(x.numpy())
+    out = engine.edit(local)
+    assert engine.last_edit.mode == "sparse"
+    assert_close(out[..., 40:, :20], primed[..., 40:, :20], rtol=0, atol=1e-6, what="far from the edit")
