@@ -82,6 +82,18 @@ RESAMPLE = (
 )
 
 
+PADDING_MODES = ("zeros", "reflect", "edge")
+
+
+def _padding_mode(v: Any) -> str | None:
+    return None if v in PADDING_MODES else f"must be one of {', '.join(PADDING_MODES)}"
+
+
+# What the gathered frame holds outside the image: 0 after the pre-ops, its mirror image without repeating the
+# border (ONNX Pad "reflect"), or the border value (ONNX Pad "edge").
+PADDING = AttrSpec("padding_mode", "string", "zeros", _padding_mode, overload_default=False)
+
+
 def scatter_attrs(prefix: str = "") -> tuple[AttrSpec, ...]:
     """``offset``/``stride`` (optionally prefixed, e.g. ``shortcut_``)."""
     return (
@@ -434,16 +446,30 @@ def np_pre(x: np.ndarray, scale: np.ndarray | None, shift: np.ndarray | None, ac
     return np.asarray(y, dtype=x.dtype)
 
 
-def np_gather_blocks(x: np.ndarray, indices: np.ndarray, block: Sequence[int]) -> np.ndarray:
-    """``y[b*N+n, c, i, j] = x[b, c, h_n+i, w_n+j]`` inside the image, else 0 (fancy indexing)."""
+def padded_position(r: np.ndarray, n: int, padding_mode: str) -> np.ndarray:
+    """Where position ``r`` of an axis of length ``n`` reads under ``padding_mode`` (reflect: one mirror image,
+    ``-r`` before the start, ``2(n-1) - r`` after the end; edge: the nearest border), clamped to ``[0, n)``
+    (positions further out than one image feed only outputs outside the image)."""
+    if padding_mode == "reflect":
+        r = (n - 1) - np.abs((n - 1) - np.abs(r))
+    return np.clip(r, 0, n - 1)
+
+
+def np_gather_blocks(x: np.ndarray, indices: np.ndarray, block: Sequence[int],
+                     padding_mode: str = "zeros") -> np.ndarray:
+    """``y[b*N+n, c, i, j] = x[b, c, h_n+i, w_n+j]`` inside the image, else 0 or, with ``padding_mode``
+    reflect / edge, the value at :func:`padded_position` (fancy indexing)."""
     B, C, H, W = x.shape
     bh, bw = block
     N = indices.shape[0]
-    pad_h, pad_w = bh - 1, bw - 1
-    xp = np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
-    rows = indices[:, 0].astype(np.int64)[:, None, None] + np.arange(bh)[None, :, None] + pad_h
-    cols = indices[:, 1].astype(np.int64)[:, None, None] + np.arange(bw)[None, None, :] + pad_w
-    g = xp[:, :, rows, cols]  # [B, C, N, bh, bw]
+    rows = indices[:, 0].astype(np.int64)[:, None, None] + np.arange(bh)[None, :, None]
+    cols = indices[:, 1].astype(np.int64)[:, None, None] + np.arange(bw)[None, None, :]
+    if padding_mode != "zeros":
+        g = x[:, :, padded_position(rows, H, padding_mode), padded_position(cols, W, padding_mode)]
+    else:
+        pad_h, pad_w = bh - 1, bw - 1
+        xp = np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
+        g = xp[:, :, rows + pad_h, cols + pad_w]  # [B, C, N, bh, bw]
     return np.ascontiguousarray(g.transpose(0, 2, 1, 3, 4)).reshape(B * N, C, bh, bw)
 
 
@@ -567,14 +593,15 @@ def body_activation(bd: Body, v: str, activation: str, alpha: float) -> str:
 class GatherPositions:
     """Body tensors describing the gathered positions of ``N`` blocks of ``bh x bw``."""
 
-    rows_c: str  # int64 [N, bh, 1] clamped to [0, H-1]
-    cols_c: str  # int64 [N, 1, bw] clamped to [0, W-1]
+    rows_c: str  # int64 [N, bh, 1] clamped to [0, H-1] (or reflected)
+    cols_c: str  # int64 [N, 1, bw] clamped to [0, W-1] (or reflected)
     flat: str  # int64 [N, bh, bw] = rows_c * W + cols_c
-    valid: str  # bool [N, bh, bw] inside the image
+    valid: str | None  # bool [N, bh, bw] inside the image; None: nothing is zeroed (reflect / edge padding)
     n: str  # int64 [1] N
 
 
-def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int]) -> GatherPositions:
+def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int],
+                          padding_mode: str = "zeros") -> GatherPositions:
     """Index arithmetic for gathering ``block`` windows at ``indices`` from a ``[.., .., H, W]`` tensor."""
     bh, bw = block
     idx = bd.op("Cast", indices, to=TensorProto.INT64)
@@ -588,7 +615,10 @@ def body_gather_positions(bd: Body, indices: str, like: str, block: Sequence[int
     z = bd.scalar_i64(0)
     rv = bd.op("And", bd.op("GreaterOrEqual", rows, z), bd.op("Less", rows, H))
     cv = bd.op("And", bd.op("GreaterOrEqual", cols, z), bd.op("Less", cols, W))
-    valid = bd.op("And", rv, cv, hint="valid")
+    valid = bd.op("And", rv, cv, hint="valid") if padding_mode == "zeros" else None
+    if padding_mode == "reflect":  # (n-1) - |(n-1) - |r||: see padded_position
+        rows = bd.op("Sub", bd.op("Sub", H, one), bd.op("Abs", bd.op("Sub", bd.op("Sub", H, one), bd.op("Abs", rows))))
+        cols = bd.op("Sub", bd.op("Sub", W, one), bd.op("Abs", bd.op("Sub", bd.op("Sub", W, one), bd.op("Abs", cols))))
     rows_c = bd.op("Max", bd.op("Min", rows, bd.op("Sub", H, one)), z)
     cols_c = bd.op("Max", bd.op("Min", cols, bd.op("Sub", W, one)), z)
     flat = bd.op("Add", bd.op("Mul", rows_c, W), cols_c, hint="flat")
@@ -651,13 +681,14 @@ def body_pre(bd: Body, g: str, scale: str | None, shift: str | None, attrs: Mapp
 
 
 def body_finish_gather(bd: Body, v: str, pos: GatherPositions, block: Sequence[int], out: str) -> str:
-    """Zero outside the image, ``[B, C, N, bh, bw] -> [B*N, C, bh, bw]``.
+    """Zero outside the image (not with reflect / edge padding), ``[B, C, N, bh, bw] -> [B*N, C, bh, bw]``.
 
     The merge goes through ``[C, B*N, bh, bw]`` with a constant ``[0, -1, bh, bw]`` shape so onnx
     shape inference keeps ``C``, ``bh``, ``bw`` static without data propagation (``-1`` is never
     ambiguous: ``C*bh*bw > 0`` even when ``N = 0``).
     """
-    v = bd.op("Where", pos.valid, v, bd.scalar_f32(0.0))
+    if pos.valid is not None:
+        v = bd.op("Where", pos.valid, v, bd.scalar_f32(0.0))
     v = bd.op("Transpose", v, perm=[1, 0, 2, 3, 4])
     v = bd.op("Reshape", v, bd.ints([0, -1, *block]))
     return bd.op("Transpose", v, perm=[1, 0, 2, 3], out=out)

@@ -1,5 +1,5 @@
 """SigeSparseConv2d(x, indices, weight[, bias, scale, shift]) -> y: Conv(SigeGather(x, ...), pads=0) (the gather
-may resample x: ``upsample`` / ``downsample``)."""
+may resample x: ``upsample`` / ``downsample``, and pad it by reflection or its border: ``padding_mode``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, RESAMPLE, AttrSpec, Body, OpDef, Shape, _positive, _stride_1_2,
+from ._common import (SigeOpRun, BLOCK, PADDING, PRE_ATTRS, RESAMPLE, AttrSpec, Body, OpDef, Shape, _positive,
+                      _stride_1_2,
                       check_array, check_broadcast, check_float, check_gather_range, check_indices,
                       check_resample_params, body_flatten_hw, body_gather_positions, body_pre_gather, body_resample,
                       dim_mul, fail, frame_hw, need_rank, np_gather_blocks, np_pre, np_resample, register)
@@ -15,7 +16,7 @@ from ._common import (SigeOpRun, BLOCK, PRE_ATTRS, RESAMPLE, AttrSpec, Body, OpD
 OP_TYPE = "SigeSparseConv2d"
 INPUTS = ("x", "indices", "weight", "bias", "scale", "shift")
 ATTRS = (BLOCK, AttrSpec("strides", "pair", (1, 1), _stride_1_2), AttrSpec("group", "int", 1, _positive),
-         *PRE_ATTRS, *RESAMPLE)
+         *PRE_ATTRS, *RESAMPLE, PADDING)
 
 
 def validate(arrays: list[np.ndarray | None], attrs: dict[str, Any]) -> None:
@@ -64,9 +65,10 @@ def compute(x: np.ndarray, indices: np.ndarray, weight: np.ndarray, bias: np.nda
             scale: np.ndarray | None = None, shift: np.ndarray | None = None, *, block: tuple[int, int],
             strides: tuple[int, int], group: int, activation: str, alpha: float,
             activation_first: int, upsample: tuple[int, int] = (1, 1),
-            downsample: tuple[int, int] = (1, 1)) -> np.ndarray:
+            downsample: tuple[int, int] = (1, 1), padding_mode: str = "zeros") -> np.ndarray:
     pre = np_pre(x, scale, shift, activation, alpha, activation_first)
-    g = np_gather_blocks(np_resample(pre, {"upsample": upsample, "downsample": downsample}), indices, block)
+    g = np_gather_blocks(np_resample(pre, {"upsample": upsample, "downsample": downsample}), indices, block,
+                            padding_mode)
     return np_conv2d(g, weight, bias, strides, group)
 
 
@@ -74,7 +76,7 @@ def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     x, indices, weight, bias, scale, shift = inputs
     assert x is not None and indices is not None and weight is not None
     x = body_resample(bd, x, attrs)
-    pos = body_gather_positions(bd, indices, x, attrs["block"])
+    pos = body_gather_positions(bd, indices, x, attrs["block"], attrs["padding_mode"])
     g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)
     g = body_pre_gather(bd, g, pos, scale, shift, attrs, out=bd.fresh("gathered"))
     conv_in = [g, weight] + ([bias] if bias is not None else [])

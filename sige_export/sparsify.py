@@ -229,8 +229,11 @@ def _match_group_norm(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
 
 
 def _match_pad_conv(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
-    """Zero Pad on H/W -> Conv becomes one Conv with (asymmetric) pads: no padded copy, no odd mask level."""
-    if node.op_type != "Pad" or attrs_of(node).get("mode", "constant") != "constant":
+    """Pad on H/W -> Conv becomes one Conv with (asymmetric) pads: no padded copy, no odd mask level. A reflect or
+    edge Pad (torch's ``padding_mode``, ``ReflectionPad2d``) before a Conv without pads of its own becomes the
+    Conv's ``padding_mode``, which its gathers read through."""
+    mode = attrs_of(node).get("mode", "constant") if node.op_type == "Pad" else None
+    if mode not in ("constant", "reflect", "edge"):
         return None
     pads = info.consts.get(node.input[1]) if len(node.input) > 1 else None
     value = info.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
@@ -246,6 +249,10 @@ def _match_pad_conv(info: GraphInfo, node: onnx.NodeProto) -> Op | None:
     if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None
     cp = list(a.get("pads", [0, 0, 0, 0]))
+    if mode != "constant":
+        if any(cp):
+            return None
+        a["padding_mode"] = mode
     a["pads"] = [cp[0] + pads[2], cp[1] + pads[3], cp[2] + pads[6], cp[3] + pads[7]]
     return Op("Conv", [node.input[0]] + list(conv.input[1:]), conv.output[0], [node, conv], a)
 
@@ -690,10 +697,11 @@ class _Sparsifier(TokenRules):
         group = int(a.get("group", 1))
         bias = op.inputs[2] if len(op.inputs) > 2 and op.inputs[2] else None
         rep = self.reps[x]
+        padding = a.get("padding_mode", "zeros")
         if rep.parts is not None and group == 1:
-            blocks = self._concat_conv_blocks(rep, op.inputs[1], bias, grid, idx)
+            blocks = self._concat_conv_blocks(rep, op.inputs[1], bias, grid, idx, padding)
         else:
-            blocks = self._conv_blocks(x, rep, op.inputs[1], bias, grid, idx, group)
+            blocks = self._conv_blocks(x, rep, op.inputs[1], bias, grid, idx, group, padding)
         self.sparse_convs.append(op.name)
         self.reps[op.output] = Rep(pending=Pending(blocks, self.cache(op.output), idx, grid), confined=True)
         return True
@@ -716,17 +724,18 @@ class _Sparsifier(TokenRules):
         return base
 
     def _conv_blocks(self, x: str, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str,
-                     group: int) -> str:
-        """Output blocks of a conv over ``rep`` on ``grid`` (pre-ops fused into the gather)."""
+                     group: int, padding: str = "zeros") -> str:
+        """Output blocks of a conv over ``rep`` on ``grid`` (pre-ops fused into the gather; ``padding``: what the
+        gather reads outside the image, see docs/sige-ops.md)."""
         c = grid.config
-        if self._fusable(rep) or rep.expr is not None:
-            gathered = self._gather(x, rep, grid, idx)
+        if (self._fusable(rep) and padding == "zeros") or rep.expr is not None:
+            gathered = self._gather(x, rep, grid, idx, padding)
             return self.b.node("Conv", [gathered, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
                                kernel_shape=list(c.kernel), strides=list(c.stride), group=group, pads=[0, 0, 0, 0])
         source, resample = self._gather_source(x, rep)
         return self.b.sige("SigeSparseConv2d", [source, idx, weight, bias or "", rep.scale or "", rep.shift or ""],
                            EDIT_PREFIX + "sparse_conv", block=list(c.block), strides=list(c.stride), group=group,
-                           **self._pre_attrs(rep), **resample)
+                           padding_mode=padding, **self._pre_attrs(rep), **resample)
 
     def _gather_source(self, x: str, rep: Rep) -> tuple[str, dict]:
         """The full tensor a gather over ``rep`` reads, and the resize it reads it through."""
@@ -734,7 +743,8 @@ class _Sparsifier(TokenRules):
             return rep.resampled.source, rep.resampled.attrs()
         return self._full_base(x, rep), {}
 
-    def _concat_conv_blocks(self, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str) -> str:
+    def _concat_conv_blocks(self, rep: Rep, weight: str, bias: str | None, grid: BlockGrid, idx: str,
+                            padding: str = "zeros") -> str:
         """conv(concat(a, b, ...)): gather each part's blocks, concat the small blocks, one conv (pads 0)."""
         c = grid.config
         gathered = []
@@ -746,30 +756,34 @@ class _Sparsifier(TokenRules):
             else:
                 part_rep = Rep(full=self.full(part), scale=self._channel_slice(rep.scale, c0, c1),
                                shift=self._channel_slice(rep.shift, c0, c1), act=rep.act, alpha=rep.alpha)
-            gathered.append(self._gather(part, part_rep, grid, idx))
+            gathered.append(self._gather(part, part_rep, grid, idx, padding))
             c0 = c1
         blocks = self.b.node("Concat", gathered, EDIT_PREFIX + "gathered_concat", axis=1)
         return self.b.node("Conv", [blocks, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
                            kernel_shape=list(c.kernel), strides=list(c.stride), group=1, pads=[0, 0, 0, 0])
 
-    def _gather(self, x: str, rep: Rep, grid: BlockGrid, idx: str) -> str:
+    def _gather(self, x: str, rep: Rep, grid: BlockGrid, idx: str, padding: str = "zeros") -> str:
         """Gathered input blocks [B*N, C, bh, bw] of ``rep`` with its pre-ops applied."""
         if rep.expr is not None:
-            values = rep.expr.emit({leaf: self._gather(leaf, self.reps[leaf], grid, idx) for leaf in rep.expr.leaves})
+            values = rep.expr.emit({leaf: self._gather(leaf, self.reps[leaf], grid, idx, padding)
+                                    for leaf in rep.expr.leaves})
+            if padding != "zeros":  # the leaves' reflections or borders make the expression's
+                return values
             # Zero outside the image, as the dense conv's padding sees the expression's value.
             h, w = grid.in_hw
             ones = self.b.const(EDIT_PREFIX + f"ones{h}x{w}", np.ones((1, 1, h, w), np.float32))
             inside = self.b.sige("SigeGather", [ones, idx], EDIT_PREFIX + "inside", block=list(grid.config.block))
             return self.b.node("Mul", [values, inside], EDIT_PREFIX + "blk_expr")
         pre = self._pre_attrs(rep)
-        if self._fusable(rep):
+        if self._fusable(rep) and padding == "zeros":  # a scatter-gather pads with zeros only
             p = rep.pending
             return self.b.sige("SigeScatterGather",
                                [p.blocks, p.base, self._scatter_map(p), idx, rep.scale or "", rep.shift or ""],
                                EDIT_PREFIX + "scatter_gather", block=list(grid.config.block), **pre)
         source, resample = self._gather_source(x, rep)
         return self.b.sige("SigeGather", [source, idx, rep.scale or "", rep.shift or ""],
-                           EDIT_PREFIX + "gather", block=list(grid.config.block), **pre, **resample)
+                           EDIT_PREFIX + "gather", block=list(grid.config.block), padding_mode=padding, **pre,
+                           **resample)
 
     def _channel_slice(self, t: str | None, c0: int, c1: int) -> str | None:
         if t is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sige_export import custom_ops as co
@@ -173,6 +173,50 @@ def test_resampled_gather_and_conv_match_gather_of_the_resized_input(
     want = co.reference("SigeSparseConv2d", frame, feeds["indices"], feeds["weight"], None, feeds["scale"],
                         feeds["shift"], **gather_attrs)
     assert_close(conv, want, rtol=1e-5, atol=1e-5, what="resampled sparse conv == sparse conv of the resized x")
+
+
+@st.composite
+def padding_case(draw: Any) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+    """A gather / sparse conv whose windows reach at most ``pads`` outside x, padded by reflection or its border."""
+    rng = _rng(draw)
+    b, c, h, w = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    pads = (draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1)))
+    kh, kw = draw(st.sampled_from([(1, 1), (3, 3), (2, 3)]))
+    bh = draw(st.integers(kh, max(kh, min(h + 2 * pads[0], kh + 3))))
+    bw = draw(st.integers(kw, max(kw, min(w + 2 * pads[1], kw + 3))))
+    assume(bh <= h + 2 * pads[0] and bw <= w + 2 * pads[1])
+    n = draw(st.integers(0, 5))
+    idx = np.stack([rng.integers(-pads[0], h + pads[0] - bh + 1, n),
+                    rng.integers(-pads[1], w + pads[1] - bw + 1, n)], 1).astype(np.int32).reshape(-1, 2)
+    idx = idx[(idx[:, 0] > -bh) & (idx[:, 0] < h) & (idx[:, 1] > -bw) & (idx[:, 1] < w)]  # blocks overlap x
+    kind = draw(st.sampled_from(PARAM_KINDS))
+    feeds = {"x": rng.standard_normal((b, c, h, w)).astype(np.float32), "indices": idx,
+             "weight": rng.standard_normal((2, c, kh, kw)).astype(np.float32), "bias": None,
+             "scale": _param(rng, kind, b, c, h, w), "shift": _param(rng, kind, b, c, h, w)}
+    attrs = {"block": (bh, bw), "padding_mode": draw(st.sampled_from(["reflect", "edge"])), **draw(pre_attrs())}
+    return feeds, attrs, pads
+
+
+@SETTINGS
+@given(padding_case())
+def test_padded_gather_and_conv_match_gather_of_the_padded_input(
+        case: tuple[dict[str, Any], dict[str, Any], tuple[int, int]]) -> None:
+    """Against np.pad (mode reflect / edge) of the pre-op'ed input, gathered inside the padded image."""
+    from sige_export.custom_ops._common import np_pre
+
+    feeds, attrs, (ph, pw) = case
+    pre = {k: attrs[k] for k in ("activation", "alpha", "activation_first")}
+    pre["activation"] = {"swish": "silu"}.get(pre["activation"], pre["activation"])
+    padded = np.pad(np_pre(feeds["x"], feeds["scale"], feeds["shift"], **pre),
+                    ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode=attrs["padding_mode"])
+    inside = (feeds["indices"] + np.array([ph, pw], np.int32)).astype(np.int32)
+    gather_feeds = {k: feeds[k] for k in ("x", "indices", "scale", "shift")}
+    y = check_op("SigeGather", gather_feeds, attrs)
+    want = co.reference("SigeGather", padded, inside, block=attrs["block"])
+    assert_close(y, want, rtol=1e-6, atol=1e-7, what=f"{attrs['padding_mode']} gather == gather of np.pad")
+    conv = check_op("SigeSparseConv2d", feeds, attrs)
+    want = co.reference("SigeSparseConv2d", padded, inside, feeds["weight"], block=attrs["block"])
+    assert_close(conv, want, rtol=1e-5, atol=1e-5, what=f"{attrs['padding_mode']} sparse conv == conv of np.pad")
 
 
 @st.composite

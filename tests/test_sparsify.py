@@ -113,6 +113,29 @@ class UpsamplingNet(nn.Module):
         return torch.tanh(self.odd(h))
 
 
+class PaddingModeNet(nn.Module):
+    """Reflect / replicate padded convs (pix2pix, CycleGAN): over a BN + ReLU, a pending scatter, a residual
+    expression through ReflectionPad2d, a channel concat."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, padding_mode="replicate")
+        self.pad = nn.ReflectionPad2d(3)
+        self.c3 = nn.Conv2d(c, c, 7)
+        self.c4 = nn.Conv2d(2 * c, 3, 3, padding=1, padding_mode="reflect")
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        h2 = self.c2(h) + h
+        h3 = self.c3(self.pad(F.leaky_relu(h2, 0.2)))
+        return self.c4(torch.cat([h3, h2], 1))
+
+
 def _dense_onnx(model: nn.Module, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -405,3 +428,29 @@ def test_transposed_convs_run_sparse() -> None:
     out = engine.edit(local)
     assert engine.last_edit.mode == "sparse"
     assert_close(out[..., 40:, :20], primed[..., 40:, :20], rtol=0, atol=1e-6, what="far from the edit")
+
+
+def test_reflect_and_replicate_padding_is_read_through_by_the_gathers() -> None:
+    torch.manual_seed(0)
+    model = PaddingModeNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = _dense_onnx(model, {"x": x})
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8))
+    edit = [n for n in result.model.graph.node if n.name.startswith("edit/")]
+    assert not [n.name for n in edit if n.op_type == "Pad"], "no padded copy in the edit pass"
+    modes = sorted({a.s.decode() for n in edit if n.domain == "ai.sige" for a in n.attribute
+                    if a.name == "padding_mode"})
+    assert modes == ["edge", "reflect", "zeros"] or modes == ["edge", "reflect"], modes
+    assert len(result.manifest["sparse_convs"]) == 4
+    engine = _engine(dense)
+    engine.prime(x.numpy())
+    edited = np.random.default_rng(8).normal(size=x.shape).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited)).numpy()
+    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
+    local = x.numpy().copy()
+    local[..., 0:4, 27:32] += 1.0  # at a corner
+    primed = engine.prime(x.numpy())
+    out = engine.edit(local)
+    assert engine.last_edit.mode == "sparse"
+    assert_close(out[..., 20:, :12], primed[..., 20:, :12], rtol=0, atol=1e-6, what="far from the edit")

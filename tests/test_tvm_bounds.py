@@ -72,12 +72,14 @@ def _cases():
            {"x": (B, C, H, W)}, [x, gidx, sc, sh],
            custom_ops.reference("SigeSparseConv2d", x, gidx, w, None, sc, sh, **pre))
 
-    # frames resized from a smaller / larger x (upsample 2, downsample 2): every block of the frame's grid
-    for up, down in (((2, 2), (1, 1)), ((1, 1), (2, 2))):
+    # frames resized from a smaller / larger x (upsample 2, downsample 2), padded by reflection or the border:
+    # every block of the frame's grid
+    for up, down, padding in (((2, 2), (1, 1), "zeros"), ((1, 1), (2, 2), "zeros"), ((1, 1), (1, 1), "reflect"),
+                              ((2, 2), (1, 1), "edge")):
         xs = f(B, C, H * down[0] // up[0], W * down[1] // up[1])
-        rs = dict(block=[6, 6], activation="silu", upsample=list(up), downsample=list(down))
+        rs = dict(block=[6, 6], activation="silu", upsample=list(up), downsample=list(down), padding_mode=padding)
         node = custom_ops.make_node("SigeSparseConv2d", ["x", "idx", "w", "", "sc", "sh"], ["y"], **rs)
-        yield (f"SigeSparseConv2d up{up[0]} down{down[0]}",
+        yield (f"SigeSparseConv2d up{up[0]} down{down[0]} {padding}",
                make_model([node], [vi("x", list(xs.shape)), idx_vi, vi("sc", [1, C, 1, 1]), vi("sh", [1, C, 1, 1])],
                           [vi("y", None)], [init("w", w)]),
                {"x": xs.shape}, [xs, gidx, sc, sh], custom_ops.reference("SigeSparseConv2d", xs, gidx, w, None, sc, sh, **rs))

@@ -103,12 +103,17 @@ def test_sparse_conv(conv_libs, case):
     assert any(r == "cpu.conv2d_nchw" and s == "ok" for _, r, s in lib.schedule_log), lib.schedule_log
 
 
-# -- resampled frames (a nearest Resize folded into the gather) ---------------------------------
+# -- frames: resampled (a nearest Resize folded into the gather), padded by reflection or the border ----
 RESAMPLE_CASES = {  # op, source x [H, W], upsample, downsample, pre-ops
     "gather_up2": ("SigeGather", (6, 7), (2, 2), (1, 1), dict(activation="silu")),
     "gather_down2_up3": ("SigeGather", (22, 5), (1, 3), (2, 1), dict()),
     "conv_up2_leaky": ("SigeSparseConv2d", (6, 7), (2, 2), (1, 1), dict(activation="leaky_relu", alpha=0.1)),
     "conv_down4": ("SigeSparseConv2d", (44, 52), (1, 1), (4, 4), dict()),
+    # padded by reflection / the border (a reflect- or replicate-padded conv)
+    "gather_reflect_silu": ("SigeGather", (11, 13), (1, 1), (1, 1), dict(padding_mode="reflect", activation="silu")),
+    "conv_reflect": ("SigeSparseConv2d", (11, 13), (1, 1), (1, 1), dict(padding_mode="reflect")),
+    "conv_edge_up2_leaky": ("SigeSparseConv2d", (6, 7), (2, 2), (1, 1),
+                            dict(padding_mode="edge", activation="leaky_relu", alpha=0.1)),
 }
 
 
@@ -372,6 +377,22 @@ def test_depthwise_conv_over_blocks(shape, pads, strides):
         assert "cpu.depthwise_blocks" in {r for _, r, _ in lib.schedule_log}, lib.schedule_log
     x = f32(*shape)
     assert_close(lib.run(x), _ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5, what=f"depthwise blocks {shape}")
+
+
+@pytest.mark.parametrize("mode,pads,hw", [("reflect", (1, 1, 1, 1), (9, 21)), ("reflect", (3, 0, 2, 4), (5, 37)),
+                                           ("edge", (2, 5, 0, 1), (4, 3)), ("edge", (1, 1, 1, 1), (1, 16))])
+def test_border_pad(mode, pads, hw):
+    """ONNX Pad reflect / edge (before a conv, and alone) as ``sige_te.pad_primfunc``, equal to onnxruntime."""
+    c = 5
+    w = f32(4, c, 3, 3)
+    amounts = np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64)
+    nodes = [helper.make_node("Pad", ["x", "p"], ["xp"], mode=mode), helper.make_node("Conv", ["xp", "w"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, c, *hw])], [vi("xp", None), vi("y", None)], [init("w", w), init("p", amounts)])
+    lib = compile_program(m, "host", {"x": (2, c, *hw)})
+    assert f"{mode}_pad" in {n for n, _, _ in lib.schedule_log}, lib.schedule_log
+    x = f32(2, c, *hw)
+    for got, want, what in zip(lib.run(x), _ort_run(m, {"x": x}), ("padded", "conv")):
+        assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{mode} {pads} {hw}: {what}")
 
 
 def test_reduce_mean_imported_as_sum():

@@ -63,7 +63,7 @@ def _convert_gather(bb, inputs, attrs, name):
     x, idx = inputs[0], inputs[1]
     scale, shift = _opt(inputs, 2), _opt(inputs, 3)
     pre = sige_te.PreOp.from_attrs(attrs)
-    resample = sige_te.Resample.from_attrs(attrs)
+    frame = sige_te.Frame.from_attrs(attrs)
     block = _ints(attrs, "block")
     xs = list(x.parts) if isinstance(x, VirtualConcat) else [x]
     nx = len(xs)
@@ -73,7 +73,7 @@ def _convert_gather(bb, inputs, attrs, name):
         xparts, idx, rest = list(a[:nx]), a[nx], list(a[nx + 1:])
         sc = rest.pop(0) if scale is not None else None
         sf = rest.pop(0) if shift is not None else None
-        return sige_te.gather_te(xparts if nx > 1 else xparts[0], idx, block, pre, sc, sf, resample=resample)
+        return sige_te.gather_te(xparts if nx > 1 else xparts[0], idx, block, pre, sc, sf, frame=frame)
 
     return bb.emit_te(f, *args, primfunc_name_hint="sige_gather", primfunc_attrs={"sige.op": "SigeGather"})
 
@@ -84,7 +84,7 @@ def _convert_sparse_conv(bb, inputs, attrs, name):
     x, idx, w = inputs[0], inputs[1], inputs[2]
     bias, scale, shift = _opt(inputs, 3), _opt(inputs, 4), _opt(inputs, 5)
     pre = sige_te.PreOp.from_attrs(attrs)
-    resample = sige_te.Resample.from_attrs(attrs)
+    frame = sige_te.Frame.from_attrs(attrs)
     block = _ints(attrs, "block")
     strides = _ints(attrs, "strides", (1, 1))
     group = int(attrs.get("group", 1))
@@ -96,7 +96,7 @@ def _convert_sparse_conv(bb, inputs, attrs, name):
         sc = rest.pop(0) if scale is not None else None
         sf = rest.pop(0) if shift is not None else None
         return sige_te.sparse_conv2d_te(x, idx, w, b, sc, sf, block=block, strides=strides, group=group, pre=pre,
-                                        resample=resample)
+                                        frame=frame)
 
     return bb.emit_te(f, x, idx, w, *present, primfunc_name_hint="sige_sparse_conv2d",
                       primfunc_attrs={"sige.op": "SigeSparseConv2d", "op_pattern": OUT_EWISE_FUSABLE})
@@ -382,7 +382,7 @@ def _importer_class():
 
                 def gathered(data_, sc, sf):
                     return sige_te.gather_te(data_[:-1], data_[-1], block, pre, sc, sf,
-                                             resample=sige_te.Resample.from_attrs(attrs))
+                                             frame=sige_te.Frame.from_attrs(attrs))
             present = [t for t in (bias, scale, shift) if t is not None]
             n = len(data)
 
@@ -418,12 +418,43 @@ def _importer_class():
                     self._construct_packed_conv(node)
                 elif node.domain in STANDARD_DOMAINS and node.op_type == "ReduceMean" and self._construct_mean_as_sum(node):
                     pass
+                elif node.domain in STANDARD_DOMAINS and node.op_type == "Pad" and self._construct_border_pad(node):
+                    pass
                 elif node.domain in STANDARD_DOMAINS:
                     super()._construct_nodes(self._OneNode(node))
                 elif node.domain == SIGE_DOMAIN:
                     self._construct_sige(node)
                 else:  # guarded by _check_for_unsupported_ops, kept for subgraphs
                     raise UnsupportedNodeError(f"{_node_label(node)}: unknown op domain {node.domain!r}")
+
+        def _construct_border_pad(self, node) -> bool:
+            """A reflect / edge Pad of H and W with constant pads as ``sige_te.pad_primfunc``; False for any other."""
+            import tvm
+            from tvm import relax
+
+            from . import sige_te
+
+            mode = next((at.s.decode() for at in node.attribute if at.name == "mode"), "constant")
+            x = self._nodes.get(node.input[0])
+            amounts = self._nodes.get(node.input[1]) if len(node.input) > 1 else None
+            if mode not in ("reflect", "edge") or not isinstance(amounts, tvm.ir.expr.Constant) or any(node.input[3:]):
+                return False
+            p = [int(v) for v in amounts.value.numpy().reshape(-1)]
+            try:
+                shape = [int(d) for d in _shape_of(x)]
+            except Exception:
+                return False
+            if len(shape) != 4 or len(p) != 8 or any(p[k] for k in (0, 1, 4, 5)) or min(p) < 0 \
+                    or str(x.ty.dtype) != "float32":
+                return False
+            pads = (p[2], p[3], p[6], p[7])
+            if mode == "reflect" and (max(pads[0], pads[2]) >= shape[2] or max(pads[1], pads[3]) >= shape[3]):
+                return False
+            out = [shape[0], shape[1], shape[2] + pads[0] + pads[2], shape[3] + pads[1] + pads[3]]
+            gv = self.bb.add_func(sige_te.pad_primfunc(*shape, pads, mode), f"{mode}_pad")
+            self._nodes[node.output[0]] = self.bb.emit(
+                relax.call_tir(gv, relax.Tuple([x]), relax.TensorType(out, "float32")))
+            return True
 
         def _construct_mean_as_sum(self, node) -> bool:
             """ReduceMean over static axes as ReduceSum x 1/n: FuseOps fuses elementwise producers into a sum

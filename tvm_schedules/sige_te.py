@@ -135,18 +135,26 @@ def concat_load(xs: Sequence[te.Tensor], b, c, h, w):
 
 
 @dataclass(frozen=True)
-class Resample:
-    """The gathered frame is x resized (nearest, asymmetric, floor): ``frame[r] = x[r * down // up]`` per axis."""
+class Frame:
+    """What a gather reads: x resized (nearest, asymmetric, floor: ``frame[r] = x[r * down // up]`` per axis), and
+    outside it 0 (after the pre-ops), its mirror image (``reflect``) or its border (``edge``)."""
 
     up: tuple[int, int] = (1, 1)
     down: tuple[int, int] = (1, 1)
+    padding: str = "zeros"
+
+    def __post_init__(self):
+        if self.padding not in ("zeros", "reflect", "edge"):
+            raise ValueError(f"unknown padding_mode {self.padding!r}; known: zeros, reflect, edge")
 
     @staticmethod
-    def from_attrs(attrs: dict) -> "Resample":
-        return Resample(tuple(int(v) for v in attrs.get("upsample", (1, 1))),
-                        tuple(int(v) for v in attrs.get("downsample", (1, 1))))
+    def from_attrs(attrs: dict) -> "Frame":
+        padding = attrs.get("padding_mode", "zeros")
+        return Frame(tuple(int(v) for v in attrs.get("upsample", (1, 1))),
+                     tuple(int(v) for v in attrs.get("downsample", (1, 1))),
+                     padding.decode() if isinstance(padding, bytes) else str(padding))
 
-    def frame(self, h: int, w: int) -> tuple[int, int]:
+    def size(self, h: int, w: int) -> tuple[int, int]:
         return int(h) * self.up[0] // self.down[0], int(w) * self.up[1] // self.down[1]
 
     def source(self, axis: int, r):
@@ -154,23 +162,29 @@ class Resample:
         r = r * d if d != 1 else r
         return tir.floordiv(r, u) if u != 1 else r
 
+    def outside(self, r, n: int):
+        """The position read for ``r`` of an axis of length ``n`` (custom_ops ``padded_position``), always valid."""
+        if self.padding == "reflect":
+            r = (n - 1) - tir.abs((n - 1) - tir.abs(r))
+        return tir.max(tir.min(r, n - 1), 0)
+
 
 def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
               scale: Optional[te.Tensor] = None, shift: Optional[te.Tensor] = None, name: str = "sige_gather",
-              resample: Resample = Resample()):
-    """``y[b*N+n, c, i, j] = pre(frame)[b, c, h_n+i, w_n+j]``, 0 outside the frame (``x``, or ``x`` resized by
-    ``resample``; scale/shift per channel then). ``x`` may be a list of tensors: their channel concatenation, read
-    in place (never materialised)."""
+              frame: Frame = Frame()):
+    """``y[b*N+n, c, i, j] = pre(frame)[b, c, h_n+i, w_n+j]``, 0 outside the frame unless it pads otherwise
+    (``x``, or ``x`` resized by ``frame``; scale/shift per channel then). ``x`` may be a list of tensors: their
+    channel concatenation, read in place (never materialised)."""
     xs = list(x) if isinstance(x, (list, tuple)) else [x]
     x = xs[0]
     B = x.shape[0]
-    H, W = resample.frame(x.shape[2], x.shape[3])
+    H, W = frame.size(x.shape[2], x.shape[3])
     C = sum(int(t.shape[1]) for t in xs)
     N = indices.shape[0]
     bh, bw = int(block[0]), int(block[1])
 
     def load(part: PreOp, b, c, h, w):
-        h, w = resample.source(0, h), resample.source(1, w)
+        h, w = frame.source(0, h), frame.source(1, w)
         xv = x[b, c, h, w] if len(xs) == 1 else concat_load(xs, b, c, h, w)
         return _apply_pre(xv, part, scale, shift, (b, c, h, w))
 
@@ -184,19 +198,18 @@ def gather_te(x, indices: te.Tensor, block: Sequence[int], pre: PreOp = PreOp(),
         # by a multiply (a guarded load or a select would stop the row from vectorising, and the simplifier
         # would drop the clamps of a select's loads).
         interior = tir.all(h0 >= 0, h0 + bh <= H, w0 >= 0, w0 + bw <= W)
-        inside = tir.all(h >= 0, h < H, w >= 0, w < W)
-        hc = tir.max(tir.min(h, H - 1), 0)
-        wc = tir.max(tir.min(w, W - 1), 0)
-        border = load(part, b, c, hc, wc) * tir.Cast(x.dtype, inside)
+        border = load(part, b, c, frame.outside(h, H), frame.outside(w, W))
+        if frame.padding == "zeros":
+            border = border * tir.Cast(x.dtype, tir.all(h >= 0, h < H, w >= 0, w < W))
         return tir.if_then_else(interior, load(part, b, c, h, w), border)
 
     return _gather_compute((B * N, C, bh, bw), f, pre, name)
 
 
 def sparse_conv2d_te(x, indices, weight, bias=None, scale=None, shift=None, *, block, strides=(1, 1), group=1,
-                     pre: PreOp = PreOp(), resample: Resample = Resample()):
+                     pre: PreOp = PreOp(), frame: Frame = Frame()):
     """SigeSparseConv2d = Conv(SigeGather(x, indices), weight, bias, pads=0, strides, group)."""
-    return block_conv_te(gather_te(x, indices, block, pre, scale, shift, resample=resample), weight, bias,
+    return block_conv_te(gather_te(x, indices, block, pre, scale, shift, frame=frame), weight, bias,
                          strides=strides, group=group)
 
 
@@ -423,12 +436,44 @@ def copy_primfunc(B, C, Ho, Wo):
 
     @T.prim_func(private=True, s_tir=True)
     def copy(base: T.Buffer((B, C, Ho, Wo), "float32"), y: T.Buffer((B, C, Ho, Wo), "float32")):
-        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+        T.func_attr({"tirx.noalias": True, "sige.op": "SigeScatter"})
         for b, c, h, w in T.grid(B, C, Ho, Wo):
             with T.sblock("sige_scatter_copy"):
                 vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
                 y[vb, vc, vh, vw] = base[vb, vc, vh, vw]
     return copy
+
+
+def pad_primfunc(B, C, H, W, pads, mode: str, dtype: str = "float32"):
+    """ONNX Pad ``reflect`` / ``edge`` of H and W (``pads``: top, left, bottom, right): each output row copies one
+    source row whole (a vector loop: the generic schedules vectorise it; TOPI's ``mirror_pad`` picks the source of
+    every element: 2.5 ms for 128 x 130 x 130 here), then fills its left and right borders."""
+    from tvm.script import tirx as T
+
+    B, C, H, W = (int(v) for v in (B, C, H, W))
+    pt, pl, pb, pr = (int(p) for p in pads)
+    Ho, Wo = H + pt + pb, W + pl + pr
+    frame = Frame(padding=mode)
+
+    def src(r, n):
+        return frame.outside(r, n)
+
+    @T.prim_func(private=True, s_tir=True)
+    def pad(x: T.Buffer((B, C, H, W), dtype), y: T.Buffer((B, C, Ho, Wo), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        for b, c, h, w in T.grid(B, C, Ho, W):
+            with T.sblock("pad_rows"):
+                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                y[vb, vc, vh, pl + vw] = x[vb, vc, src(vh - pt, H), vw]
+        for b, c, h, w in T.grid(B, C, Ho, pl):
+            with T.sblock("pad_left"):
+                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                y[vb, vc, vh, vw] = x[vb, vc, src(vh - pt, H), src(vw - pl, W)]
+        for b, c, h, w in T.grid(B, C, Ho, pr):
+            with T.sblock("pad_right"):
+                vb, vc, vh, vw = T.axis.remap("SSSS", [b, c, h, w])
+                y[vb, vc, vh, pl + W + vw] = x[vb, vc, src(vh - pt, H), src(W + vw, W)]
+    return pad
 
 
 def _block_row_macro():
@@ -466,7 +511,7 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
     if shortcut is None and not has_residual:
         @T.prim_func(private=True, s_tir=True)
         def scatter(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle):
-            T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+            T.func_attr({"tirx.noalias": True, "sige.op": "SigeScatter"})
             N = T.int64()
             blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
             idx = T.match_buffer(var_idx, (N, 2), "int32")
@@ -484,7 +529,7 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
         @T.prim_func(private=True, s_tir=True)
         def scatter_res(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
                         residual: T.Buffer((B, C, Ho, Wo), "float32")):
-            T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+            T.func_attr({"tirx.noalias": True, "sige.op": "SigeScatter"})
             N = T.int64()
             blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
             idx = T.match_buffer(var_idx, (N, 2), "int32")
@@ -507,7 +552,7 @@ def scatter_primfunc(B, C, Ho, Wo, ph, pw, offset, stride, has_residual: bool, s
     @T.prim_func(private=True, s_tir=True)
     def scatter_block_res(var_blocks: T.handle, y: T.Buffer((B, C, Ho, Wo), "float32"), var_idx: T.handle,
                           var_sblocks: T.handle, sbase: T.Buffer((B, C, Ho, Wo), "float32"), var_sidx: T.handle):
-        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatterWithBlockResidual"})
+        T.func_attr({"tirx.noalias": True, "sige.op": "SigeScatterWithBlockResidual"})
         N = T.int64()
         M = T.int64()
         blocks = T.match_buffer(var_blocks, (B * N, C, ph, pw), "float32")
@@ -552,7 +597,7 @@ def restore_primfunc(B, C, Ho, Wo, ph, pw, offset, stride):
     @T.prim_func(private=True, s_tir=True)
     def restore(work: T.Buffer((B, C, Ho, Wo), "float32"), cache: T.Buffer((B, C, Ho, Wo), "float32"),
                 var_idx: T.handle):
-        T.func_attr({"tir.noalias": True, "sige.op": "SigeScatter"})
+        T.func_attr({"tirx.noalias": True, "sige.op": "SigeScatter"})
         N = T.int64()
         idx = T.match_buffer(var_idx, (N, 2), "int32")
         for b, n, c, i in T.grid(B, N, C, ph):

@@ -83,7 +83,7 @@ def main():
         from tvm_profile import profile_passes
 
         p, be, feeds, full, *_, man = subj[-1]
-        profile_passes(Path(p), feeds, full, man, a.threads, 40, passes=("edit",))
+        profile_passes(Path(p), feeds, full, man, a.threads, 40, passes=("prime", "edit") if a.prime else ("edit",))
 
 
 if __name__ == "__main__":
