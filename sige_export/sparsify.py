@@ -525,14 +525,18 @@ class _Sparsifier(TokenRules):
         rep = self.reps[tensor]
         if rep.full is not None and rep.plain:
             return rep.full
-        value = self._materialize_base(rep)
+        value = self._pre_ops(self._materialize_base(rep), rep)
+        self.reps[tensor] = Rep(full=value, confined=rep.confined)
+        return value
+
+    def _pre_ops(self, value: str, rep: Rep) -> str:
+        """``act(value * scale + shift)`` of ``rep`` on a full tensor or on blocks (per-channel scale / shift)."""
         if rep.scale is not None:
             value = self.b.node("Mul", [value, rep.scale], EDIT_PREFIX + "scaled")
         if rep.shift is not None:
             value = self.b.node("Add", [value, rep.shift], EDIT_PREFIX + "shifted")
         if rep.act is not None:
             value = self._activation(value, rep.act, rep.alpha)
-        self.reps[tensor] = Rep(full=value, confined=rep.confined)
         return value
 
     def _materialize_base(self, rep: Rep) -> str:
@@ -895,13 +899,19 @@ class _Sparsifier(TokenRules):
                 return True
             if self._elementwise_expr(op, "Add"):
                 return True
+            batch1 = (self._nchw(op.output) or (0,))[0] == 1
             for main_rep, other in ((ra, b), (rb, a)):
-                if (main_rep.pending is not None and main_rep.full is None and main_rep.plain
+                if (main_rep.pending is not None and main_rep.full is None and (main_rep.plain or batch1)
                         and main_rep.pending.residual is None and self._nchw(other) == self._nchw(op.output)):
                     confined = self.reps[other].confined
                     residual = self.full(other)
-                    self.reps[op.output] = Rep(pending=replace(main_rep.pending, base=self.cache(op.output),
-                                                               residual=residual), confined=confined)
+                    # a normalised branch (ResNet generators' x + IN(conv(...))): its scale / shift / activation
+                    # apply to the blocks, which then scatter with the residual like a plain conv's
+                    blocks = main_rep.pending.blocks if main_rep.plain else self._pre_ops(main_rep.pending.blocks,
+                                                                                          main_rep)
+                    self.reps[op.output] = Rep(pending=replace(main_rep.pending, blocks=blocks,
+                                                               base=self.cache(op.output), residual=residual),
+                                               confined=confined)
                     return True
             return False
         return self._static_affine(op, add=True)

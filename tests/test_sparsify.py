@@ -136,6 +136,31 @@ class PaddingModeNet(nn.Module):
         return self.c4(torch.cat([h3, h2], 1))
 
 
+class ResnetGeneratorNet(nn.Module):
+    """A small CycleGAN / pix2pix ResnetGenerator: reflection padding, instance norm, residual blocks
+    ``x + IN(conv(...))``, a strided conv down and a transposed conv up."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+
+        def block() -> nn.Sequential:
+            return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(2 * c, 2 * c, 3), nn.InstanceNorm2d(2 * c),
+                                 nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(2 * c, 2 * c, 3),
+                                 nn.InstanceNorm2d(2 * c))
+
+        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, c, 7), nn.InstanceNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, 2 * c, 3, 2, 1), nn.InstanceNorm2d(2 * c), nn.ReLU())
+        self.blocks = nn.ModuleList([block(), block()])
+        self.tail = nn.Sequential(nn.ConvTranspose2d(2 * c, c, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c),
+                                  nn.ReLU(), nn.ReflectionPad2d(3), nn.Conv2d(c, 3, 7), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.tail(h)
+
+
 def _dense_onnx(model: nn.Module, inputs: dict[str, torch.Tensor]) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -454,3 +479,31 @@ def test_reflect_and_replicate_padding_is_read_through_by_the_gathers() -> None:
     out = engine.edit(local)
     assert engine.last_edit.mode == "sparse"
     assert_close(out[..., 20:, :12], primed[..., 20:, :12], rtol=0, atol=1e-6, what="far from the edit")
+
+
+def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None:
+    """``x + IN(conv(...))`` scatters the normalised blocks with the residual (no dense Add); reflect pads and the
+    transposed conv run sparse; both statistics modes equal torch dense with every block active."""
+    torch.manual_seed(0)
+    model = ResnetGeneratorNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = _dense_onnx(model, {"x": x})
+    edited = np.random.default_rng(9).normal(size=x.shape).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(edited)).numpy()
+    for norm_stats in ("update", "original"):
+        result = sparsify(dense, SparsifyOptions(sparse_min_res=8, norm_stats=norm_stats))
+        assert not [n for n in result.manifest["dense_islands"] if "Add" in n or "Pad" in n], \
+            result.manifest["dense_islands"]
+        assert len(result.manifest["sparse_convs"]) == 8
+        engine = _engine(dense, norm_stats=norm_stats)
+        engine.prime(x.numpy())
+        if norm_stats == "update":  # statistics exact for the edited input
+            assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
+        local = x.numpy().copy()
+        local[..., 2:6, 3:9] += 1.0
+        primed = engine.prime(x.numpy())
+        out = engine.edit(local)
+        assert engine.last_edit.mode == "sparse"
+        if norm_stats == "original":
+            assert_close(out[..., 20:, 20:], primed[..., 20:, 20:], rtol=0, atol=1e-6, what="far from the edit")
