@@ -64,7 +64,7 @@ ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", 
 class SparsifyOptions:
     """Options of the sparsifier (CLI: --block-size, --sparse-min-res, --sparse-min-blocks, --norm-stats, ...)."""
 
-    block_size: int = 6  # for k x k convolutions with k > 1 (the paper's 6)
+    block_size: int = 6  # for k x k convolutions with k > 1 (the paper's 6 for 3x3; k > 3 adds k - 3)
     block_size_1x1: int = 4  # for 1x1 convolutions (the paper's 4)
     sparse_min_res: int = 8  # convolutions whose input min(H, W) is smaller run dense
     # convolutions whose block grid has fewer blocks run dense: an edit with its halo reaches most of such a
@@ -693,7 +693,9 @@ class _Sparsifier(TokenRules):
         stride = tuple(a.get("strides", [1, 1]))
         pads = tuple(a.get("pads", [0, 0, 0, 0]))
         requested = self.opts.block_size_1x1 if kernel == (1, 1) else self.opts.block_size
-        requested = (max(requested, kernel[0]), max(requested, kernel[1]))
+        # block_size is a 3x3 conv's; a larger kernel widens the block by its extra taps, so it keeps the same
+        # outputs per block (a 7x7 conv in a block of 7 computed one output from 49 gathered pixels per channel)
+        requested = tuple(max(requested + max(0, k - 3), k) for k in kernel)
         grid = BlockGrid((xs[2], xs[3]), snap_block(requested, kernel, stride, pads))
         if grid.blocks() < self.opts.sparse_min_blocks:
             return False

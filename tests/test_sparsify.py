@@ -496,6 +496,8 @@ def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None
         assert not [n for n in result.manifest["dense_islands"] if "Add" in n or "Pad" in n], \
             result.manifest["dense_islands"]
         assert len(result.manifest["sparse_convs"]) == 8
+        # 7x7 convs keep a 3x3 conv's 4x4 outputs per block (block 6 + 4)
+        assert {tuple(g["block"]) for g in result.manifest["indices"] if g["kernel"] == [7, 7]} == {(10, 10)}
         engine = _engine(dense, norm_stats=norm_stats)
         engine.prime(x.numpy())
         if norm_stats == "update":  # statistics exact for the edited input
