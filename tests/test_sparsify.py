@@ -187,6 +187,28 @@ def _edit_all_blocks(engine: Engine, edited: dict[str, np.ndarray]) -> np.ndarra
     return engine.backend.edit(full)[engine.manifest["edit"]["outputs"][0]]
 
 
+def _assert_edits_match_dense(model: nn.Module, dense: onnx.ModelProto, x: torch.Tensor, *, seed: int,
+                              edit: tuple | None = None, far: tuple | None = None, all_blocks: bool = True,
+                              **opts) -> None:
+    """With every block active the edit pass equals torch dense on a random input; a local edit (+1 at ``edit``)
+    runs sparse and leaves ``far`` as primed."""
+    engine = _engine(dense, **opts)
+    engine.prime(x.numpy())
+    if all_blocks:
+        edited = np.random.default_rng(seed).normal(size=x.shape).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(edited)).numpy()
+        assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
+    if edit is not None:
+        local = x.numpy().copy()
+        local[edit] += 1.0
+        primed = engine.prime(x.numpy())
+        out = engine.edit(local)
+        assert engine.last_edit.mode == "sparse"
+        if far is not None:
+            assert_close(out[far], primed[far], rtol=0, atol=1e-6, what="far from the edit")
+
+
 def _random_mask(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
     m = np.zeros(hw, bool)
     h0, w0 = rng.integers(0, hw[0] - 4), rng.integers(0, hw[1] - 4)
@@ -391,18 +413,7 @@ def test_nearest_resizes_are_read_through_by_the_gathers() -> None:
     downs = [n.op_type for n in edit if n.domain == "ai.sige"
              for a in n.attribute if a.name == "downsample" and tuple(a.ints) == (2, 2)]
     assert ((2, 2), "SigeSparseConv2d") in factors and downs, (factors, downs)
-    engine = _engine(dense)
-    engine.prime(x.numpy())
-    edited = np.random.default_rng(6).normal(size=x.shape).astype(np.float32)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(edited)).numpy()
-    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
-    local = x.numpy().copy()
-    local[..., 4:9, 20:26] += 1.0
-    primed = engine.prime(x.numpy())
-    out = engine.edit(local)
-    assert engine.last_edit.mode == "sparse"
-    assert_close(out[..., 16:, :12], primed[..., 16:, :12], rtol=0, atol=1e-6, what="far from the edit")
+    _assert_edits_match_dense(model, dense, x, seed=6, edit=np.s_[..., 4:9, 20:26], far=np.s_[..., 16:, :12])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -441,18 +452,7 @@ def test_transposed_convs_run_sparse() -> None:
     assert not result.warnings, result.warnings
     assert len(result.manifest["sparse_convs"]) == 7, result.manifest["sparse_convs"]
     assert sum(n.op_type == "DepthToSpace" for n in edit) == 4
-    engine = _engine(dense)
-    engine.prime(x.numpy())
-    edited = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(edited)).numpy()
-    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
-    local = x.numpy().copy()
-    local[..., 2:7, 20:26] += 1.0
-    primed = engine.prime(x.numpy())
-    out = engine.edit(local)
-    assert engine.last_edit.mode == "sparse"
-    assert_close(out[..., 40:, :20], primed[..., 40:, :20], rtol=0, atol=1e-6, what="far from the edit")
+    _assert_edits_match_dense(model, dense, x, seed=7, edit=np.s_[..., 2:7, 20:26], far=np.s_[..., 40:, :20])
 
 
 def test_reflect_and_replicate_padding_is_read_through_by_the_gathers() -> None:
@@ -467,18 +467,7 @@ def test_reflect_and_replicate_padding_is_read_through_by_the_gathers() -> None:
                     if a.name == "padding_mode"})
     assert modes == ["edge", "reflect", "zeros"] or modes == ["edge", "reflect"], modes
     assert len(result.manifest["sparse_convs"]) == 4
-    engine = _engine(dense)
-    engine.prime(x.numpy())
-    edited = np.random.default_rng(8).normal(size=x.shape).astype(np.float32)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(edited)).numpy()
-    assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
-    local = x.numpy().copy()
-    local[..., 0:4, 27:32] += 1.0  # at a corner
-    primed = engine.prime(x.numpy())
-    out = engine.edit(local)
-    assert engine.last_edit.mode == "sparse"
-    assert_close(out[..., 20:, :12], primed[..., 20:, :12], rtol=0, atol=1e-6, what="far from the edit")
+    _assert_edits_match_dense(model, dense, x, seed=8, edit=np.s_[..., 0:4, 27:32], far=np.s_[..., 20:, :12])
 
 
 def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None:
@@ -488,9 +477,6 @@ def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None
     model = ResnetGeneratorNet().eval()
     x = torch.randn(1, 3, 32, 32)
     dense = _dense_onnx(model, {"x": x})
-    edited = np.random.default_rng(9).normal(size=x.shape).astype(np.float32)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(edited)).numpy()
     for norm_stats in ("update", "original"):
         result = sparsify(dense, SparsifyOptions(sparse_min_res=8, norm_stats=norm_stats))
         assert not [n for n in result.manifest["dense_islands"] if "Add" in n or "Pad" in n], \
@@ -498,14 +484,7 @@ def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None
         assert len(result.manifest["sparse_convs"]) == 8
         # 7x7 convs keep a 3x3 conv's 4x4 outputs per block (block 6 + 4)
         assert {tuple(g["block"]) for g in result.manifest["indices"] if g["kernel"] == [7, 7]} == {(10, 10)}
-        engine = _engine(dense, norm_stats=norm_stats)
-        engine.prime(x.numpy())
-        if norm_stats == "update":  # statistics exact for the edited input
-            assert_close_relative(_edit_all_blocks(engine, {"x": edited}), ref, rel=1e-4, what="all blocks vs dense")
-        local = x.numpy().copy()
-        local[..., 2:6, 3:9] += 1.0
-        primed = engine.prime(x.numpy())
-        out = engine.edit(local)
-        assert engine.last_edit.mode == "sparse"
-        if norm_stats == "original":
-            assert_close(out[..., 20:, 20:], primed[..., 20:, 20:], rtol=0, atol=1e-6, what="far from the edit")
+        # "update": statistics exact for the edited input; "original": far pixels keep their cached values
+        update = norm_stats == "update"
+        _assert_edits_match_dense(model, dense, x, seed=9, edit=np.s_[..., 2:6, 3:9], all_blocks=update,
+                                  far=None if update else np.s_[..., 20:, 20:], norm_stats=norm_stats)
