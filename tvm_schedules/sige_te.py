@@ -453,10 +453,7 @@ def pad_primfunc(B, C, H, W, pads, mode: str, dtype: str = "float32"):
     B, C, H, W = (int(v) for v in (B, C, H, W))
     pt, pl, pb, pr = (int(p) for p in pads)
     Ho, Wo = H + pt + pb, W + pl + pr
-    frame = Frame(padding=mode)
-
-    def src(r, n):
-        return frame.outside(r, n)
+    src = Frame(padding=mode).outside
 
     @T.prim_func(private=True, s_tir=True)
     def pad(x: T.Buffer((B, C, H, W), dtype), y: T.Buffer((B, C, Ho, Wo), dtype)):
