@@ -441,6 +441,34 @@ def test_conv_transposes_become_phase_convs(seed: int) -> None:
             assert_close(got, layer(x).numpy(), rtol=1e-5, atol=1e-5, what=f"k{k} s{s} p{p} op{op} {h}x{w}")
 
 
+@pytest.mark.parametrize("pads,strides,rewritten", [([0, 1, 2, 0], [2, 2], True), ([2, 0, 0, 1], [3, 3], True),
+                                                     ([1, 1, 1, 1], [2, 1], False)])
+def test_conv_transpose_asymmetric_pads(pads: list[int], strides: list[int], rewritten: bool) -> None:
+    """ONNX ConvTransposes torch does not export: asymmetric pads (rewritten), unequal strides (left as they are);
+    onnxruntime runs the original node as the reference."""
+    import onnxruntime as ort
+    from onnx import helper as oh
+
+    from sige_export.graph import conv_transposes_as_convs
+
+    rng = np.random.default_rng(sum(pads))
+    w, b = rng.normal(size=(3, 2, 4, 3)).astype(np.float32), rng.normal(size=2).astype(np.float32)
+    node = oh.make_node("ConvTranspose", ["x", "w", "b"], ["y"], pads=pads, strides=strides)
+    graph = oh.make_graph([node], "ct", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 6])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+    x = rng.normal(size=(1, 3, 5, 6)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    want = run(model)
+    out = conv_transposes_as_convs(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert ("ConvTranspose" not in [n.op_type for n in out.graph.node]) == rewritten
+    assert_close(run(out), want, rtol=1e-5, atol=1e-5, what=f"pads {pads} strides {strides}")
+
+
 def test_transposed_convs_run_sparse() -> None:
     torch.manual_seed(0)
     model = UpsamplingNet().eval()
