@@ -249,7 +249,8 @@ def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelPr
 
 def conv_transposes_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite each 2-D ConvTranspose of stride s (equal on both axes, constant weights, group 1) as a Conv
-    with s * s phases of output channels followed by DepthToSpace(s).
+    with s * s phases of output channels followed by DepthToSpace(s, CRD: a channel's phases are adjacent, so a
+    norm after it can move before it, see :func:`norms_before_depth_to_space`).
 
     Output pixel ``Y = m * s + p`` of a transposed conv sums input pixels ``m - d`` for the taps
     ``kh = d * s + p + pad``; the Conv's kernel spans the union of ``d`` over the phases (3 x 3 for k4 s2 p1,
@@ -281,7 +282,7 @@ def conv_transposes_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
         if stride > 1:
             shuffled = f"{base}/shuffled" if crop else node.output[0]
             nodes.append(helper.make_node("DepthToSpace", [conv_out], [shuffled], name=f"{base}/depth_to_space",
-                                          blocksize=stride, mode="DCR"))
+                                          blocksize=stride, mode="CRD"))
             if crop:
                 starts, ends, axes = f"{base}/crop_starts", f"{base}/crop_ends", f"{base}/crop_axes"
                 graph.initializer.extend([numpy_helper.from_array(np.zeros(2, np.int64), starts),
@@ -338,7 +339,7 @@ def _conv_transpose_plan(node: onnx.NodeProto, shapes: dict, inits: dict
     weight = np.zeros((s * s * cout, cin, sh, sw), np.float32)
     for rh in range(s):
         for rw in range(s):
-            rows = slice((rh * s + rw) * cout, (rh * s + rw + 1) * cout)  # DCR: phase-major channels
+            rows = slice(rh * s + rw, s * s * cout, s * s)  # CRD: each output channel's phases are adjacent
             for jh in range(sh):
                 th = (ph - jh) * s + rh + bh
                 for jw in range(sw):
@@ -351,4 +352,79 @@ def _conv_transpose_plan(node: onnx.NodeProto, shapes: dict, inits: dict
             return None
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
     crop = sizes if any(o % s for o in sizes) else None
-    return weight, np.tile(bias, s * s), conv_pads, s, crop
+    return weight, np.repeat(bias, s * s), conv_pads, s, crop
+
+
+def norms_before_depth_to_space(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``InstanceNormalization(DepthToSpace(y, s, CRD))`` -> ``DepthToSpace(GroupNorm(y))``, as the Reshape /
+    InstanceNormalization / Reshape / Mul / Add pattern of a group norm with one group per output channel (its s * s
+    phase channels of ``y``, adjacent in CRD order: the same elements) and the affine repeated per phase.
+
+    The norm then runs on the tensor a (transposed) conv writes in blocks, so the edit pass corrects its statistics
+    from those blocks (a norm after the DepthToSpace had dense statistics: a pass over the whole map for each
+    moment). Norms with non-constant affine or other consumers are left as they are.
+    """
+    graph = model.graph
+    if not any(n.op_type == "DepthToSpace" for n in graph.node):
+        return model
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in graph.output}
+    moved: dict[int, list] = {}  # id(DepthToSpace) -> its replacement nodes; the norm node is dropped
+    dropped: set[int] = set()
+    for d2s in graph.node:
+        a = attrs_of(d2s)
+        if d2s.op_type != "DepthToSpace" or a.get("mode", "DCR") != "CRD" or d2s.output[0] in outputs:
+            continue
+        users = consumers.get(d2s.output[0], [])
+        norm = users[0] if len(users) == 1 else None
+        y = d2s.input[0]
+        shape = shapes.get(y, [])
+        if (norm is None or norm.op_type != "InstanceNormalization" or len(shape) != 4 or min(shape) <= 0
+                or norm.input[1] not in inits or norm.input[2] not in inits):
+            continue
+        s2 = int(a["blocksize"]) ** 2
+        b, cs, h, w = shape
+        c = cs // s2
+        gamma = numpy_helper.to_array(inits[norm.input[1]]).reshape(-1).astype(np.float32)
+        beta = numpy_helper.to_array(inits[norm.input[2]]).reshape(-1).astype(np.float32)
+        if gamma.size != c or beta.size != c:
+            continue
+        base = norm.name or norm.output[0]
+        names = {k: f"{base}/before_shuffle/{k}" for k in ("grouped", "normed", "back", "scaled", "shifted",
+                                                            "gshape", "shape", "ones", "zeros", "gamma", "beta")}
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([b, c, s2 * h * w], np.int64), names["gshape"]),
+            numpy_helper.from_array(np.array(shape, np.int64), names["shape"]),
+            numpy_helper.from_array(np.ones(c, np.float32), names["ones"]),
+            numpy_helper.from_array(np.zeros(c, np.float32), names["zeros"]),
+            numpy_helper.from_array(np.repeat(gamma, s2).reshape(1, cs, 1, 1), names["gamma"]),
+            numpy_helper.from_array(np.repeat(beta, s2).reshape(1, cs, 1, 1), names["beta"])])
+        eps = float(attrs_of(norm).get("epsilon", 1e-5))
+        shuffled = helper.make_node("DepthToSpace", [names["shifted"]], [norm.output[0]], name=d2s.name,
+                                    blocksize=int(a["blocksize"]), mode="CRD")
+        moved[id(d2s)] = [
+            helper.make_node("Reshape", [y, names["gshape"]], [names["grouped"]], name=names["grouped"]),
+            helper.make_node("InstanceNormalization", [names["grouped"], names["ones"], names["zeros"]],
+                             [names["normed"]], name=names["normed"], epsilon=eps),
+            helper.make_node("Reshape", [names["normed"], names["shape"]], [names["back"]], name=names["back"]),
+            helper.make_node("Mul", [names["back"], names["gamma"]], [names["scaled"]], name=names["scaled"]),
+            helper.make_node("Add", [names["scaled"], names["beta"]], [names["shifted"]], name=names["shifted"]),
+            shuffled]
+        dropped.add(id(norm))
+    if not moved:
+        return model
+    nodes = []
+    for n in graph.node:
+        if id(n) in dropped:
+            continue
+        nodes.extend(moved.get(id(n), [n]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model

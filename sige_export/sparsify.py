@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .mask import BlockConfig, snap_block
 from .token_rules import Rows, TokenRules
 from .graph import (GraphInfo, attrs_of, constants_to_initializers, conv_transposes_as_convs, fold_constants,
-                    topological_nodes)
+                    norms_before_depth_to_space, topological_nodes)
 
 log = logging.getLogger(__name__)
 
@@ -1248,7 +1248,8 @@ def sparsify(dense: onnx.ModelProto, options: SparsifyOptions | None = None) -> 
     """Build the SIGE program (prime + edit in one graph) from a dense ONNX model with static shapes."""
     options = options or SparsifyOptions()
     _check_static(dense)
-    prepared = conv_transposes_as_convs(fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET))))
+    prepared = fold_constants(constants_to_initializers(_at_least_opset(dense, MIN_OPSET)))
+    prepared = norms_before_depth_to_space(conv_transposes_as_convs(prepared))
     # Pass 1 learns which pending scatters get materialised anyway; pass 2 skips fusing those
     # into ScatterGather (the full tensor exists, so a plain sparse conv over it is cheaper).
     first = _Sparsifier(prepared, options, set())

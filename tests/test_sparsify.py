@@ -469,6 +469,49 @@ def test_conv_transpose_asymmetric_pads(pads: list[int], strides: list[int], rew
     assert_close(run(out), want, rtol=1e-5, atol=1e-5, what=f"pads {pads} strides {strides}")
 
 
+class ShuffleNormNet(nn.Module):
+    """Pixel shuffle (DepthToSpace, CRD) and a transposed conv, each followed by an instance norm."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4 * c, 3, 1, 1)
+        self.n1 = nn.InstanceNorm2d(c, affine=True)
+        self.up = nn.ConvTranspose2d(c, c, 4, 2, 1)
+        self.n2 = nn.InstanceNorm2d(c, affine=True, eps=1e-3)
+        with torch.no_grad():
+            for n in (self.n1, self.n2):
+                n.weight.uniform_(0.5, 1.5)
+                n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.n1(F.pixel_shuffle(self.conv(x), 2)))
+        return self.n2(self.up(h))
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (12, 20)])
+def test_norms_move_before_depth_to_space(hw: tuple[int, int]) -> None:
+    """InstanceNorm(DepthToSpace(y)) -> DepthToSpace(group norm of y), against torch (onnxruntime runs the rewrite)."""
+    import onnxruntime as ort
+
+    from sige_export.graph import conv_transposes_as_convs, norms_before_depth_to_space
+
+    torch.manual_seed(hw[1])
+    model = ShuffleNormNet().eval()
+    x = torch.randn(1, 3, *hw)
+    rewritten = norms_before_depth_to_space(conv_transposes_as_convs(_dense_onnx(model, {"x": x})))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.index("InstanceNormalization") < ops.index("DepthToSpace"), ops
+    assert ops.count("InstanceNormalization") == 2 and ops[-1] == "DepthToSpace", ops
+    got = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert_close(got, model(x).numpy(), rtol=1e-4, atol=1e-4, what=f"norms before the shuffles {hw}")
+    dense = _dense_onnx(model, {"x": x})
+    result = sparsify(dense, SparsifyOptions(sparse_min_res=8, sparse_min_blocks=1))
+    assert not [n for n in result.manifest["dense_islands"] if "Normalization" in n], result.manifest["dense_islands"]
+    _assert_edits_match_dense(model, dense, x, seed=4, sparse_min_blocks=1)
+
+
 def test_transposed_convs_run_sparse() -> None:
     torch.manual_seed(0)
     model = UpsamplingNet().eval()
@@ -507,7 +550,7 @@ def test_resnet_generator_residuals_scatter_with_the_normalised_blocks() -> None
     dense = _dense_onnx(model, {"x": x})
     for norm_stats in ("update", "original"):
         result = sparsify(dense, SparsifyOptions(sparse_min_res=8, norm_stats=norm_stats))
-        assert not [n for n in result.manifest["dense_islands"] if "Add" in n or "Pad" in n], \
+        assert not [n for n in result.manifest["dense_islands"] if "Add" in n or "Pad" in n or "Normalization" in n], \
             result.manifest["dense_islands"]
         assert len(result.manifest["sparse_convs"]) == 8
         # 7x7 convs keep a 3x3 conv's 4x4 outputs per block (block 6 + 4)
