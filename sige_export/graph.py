@@ -247,6 +247,13 @@ def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelPr
     return model
 
 
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Dims of every inferred tensor and graph input (0 where unknown)."""
+    inferred = shape_inference.infer_shapes(model)
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+
+
 def conv_transposes_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite each 2-D ConvTranspose of stride s (equal on both axes, constant weights, group 1) as a Conv
     with s * s phases of output channels followed by DepthToSpace(s, CRD: a channel's phases are adjacent, so a
@@ -262,9 +269,7 @@ def conv_transposes_as_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     if not any(n.op_type == "ConvTranspose" for n in graph.node):
         return model
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    shapes = _inferred_dims(model)
     inits = {i.name: i for i in graph.initializer}
     nodes = []
     for node in graph.node:
@@ -367,9 +372,7 @@ def norms_before_depth_to_space(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     if not any(n.op_type == "DepthToSpace" for n in graph.node):
         return model
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    shapes = _inferred_dims(model)
     inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, list] = defaultdict(list)
     for n in graph.node:
