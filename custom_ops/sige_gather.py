@@ -9,8 +9,8 @@ import numpy as np
 
 from ._common import (SigeOpRun, BLOCK, PADDING, PRE_ATTRS, RESAMPLE, Body, OpDef, Shape, check_array,
                       check_broadcast, check_float, check_gather_range, check_indices, check_resample_params,
-                      body_flatten_hw, body_gather_positions, body_pre_gather, body_resample, dim_mul, frame_hw, need_rank,
-                      np_gather_blocks, np_pre, np_resample, register)
+                      body_flatten_hw, body_gather_positions, body_pre_gather, body_resample, dim_mul, frame_hw,
+                      need_rank, np_gather_blocks, np_pre, np_resample, register)
 
 OP_TYPE = "SigeGather"
 INPUTS = ("x", "indices", "scale", "shift")
@@ -37,13 +37,18 @@ def compute(x: np.ndarray, indices: np.ndarray, scale: np.ndarray | None = None,
                             padding_mode)
 
 
-def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
+def body_blocks(bd: Body, inputs: list[str | None], attrs: dict[str, Any], out: str) -> str:
+    """The gathered blocks named ``out`` (SigeSparseConv2d convolves them)."""
     x, indices, scale, shift = inputs
     assert x is not None and indices is not None
     x = body_resample(bd, x, attrs)
     pos = body_gather_positions(bd, indices, x, attrs["block"], attrs["padding_mode"])
     g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)  # [B, C, N, bh, bw]
-    return body_pre_gather(bd, g, pos, scale, shift, attrs, out="y")
+    return body_pre_gather(bd, g, pos, scale, shift, attrs, out=out)
+
+
+def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
+    return body_blocks(bd, inputs, attrs, out="y")
 
 
 def shape(shapes: list[Shape | None], attrs: dict[str, Any]) -> list[Shape]:

@@ -7,11 +7,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import sige_gather
 from ._common import (SigeOpRun, BLOCK, PADDING, PRE_ATTRS, RESAMPLE, AttrSpec, Body, OpDef, Shape, _positive,
-                      _stride_1_2,
-                      check_array, check_broadcast, check_float, check_gather_range, check_indices,
-                      check_resample_params, body_flatten_hw, body_gather_positions, body_pre_gather, body_resample,
-                      dim_mul, fail, frame_hw, need_rank, np_gather_blocks, np_pre, np_resample, register)
+                      _stride_1_2, check_array, check_broadcast, check_float, check_gather_range, check_indices,
+                      check_resample_params, dim_mul, fail, frame_hw, need_rank, register)
 
 OP_TYPE = "SigeSparseConv2d"
 INPUTS = ("x", "indices", "weight", "bias", "scale", "shift")
@@ -66,19 +65,16 @@ def compute(x: np.ndarray, indices: np.ndarray, weight: np.ndarray, bias: np.nda
             strides: tuple[int, int], group: int, activation: str, alpha: float,
             activation_first: int, upsample: tuple[int, int] = (1, 1),
             downsample: tuple[int, int] = (1, 1), padding_mode: str = "zeros") -> np.ndarray:
-    pre = np_pre(x, scale, shift, activation, alpha, activation_first)
-    g = np_gather_blocks(np_resample(pre, {"upsample": upsample, "downsample": downsample}), indices, block,
-                            padding_mode)
+    g = sige_gather.compute(x, indices, scale, shift, block=block, activation=activation, alpha=alpha,
+                            activation_first=activation_first, upsample=upsample, downsample=downsample,
+                            padding_mode=padding_mode)
     return np_conv2d(g, weight, bias, strides, group)
 
 
 def body(bd: Body, inputs: list[str | None], attrs: dict[str, Any]) -> str:
     x, indices, weight, bias, scale, shift = inputs
     assert x is not None and indices is not None and weight is not None
-    x = body_resample(bd, x, attrs)
-    pos = body_gather_positions(bd, indices, x, attrs["block"], attrs["padding_mode"])
-    g = bd.op("Gather", body_flatten_hw(bd, x), pos.flat, axis=2)
-    g = body_pre_gather(bd, g, pos, scale, shift, attrs, out=bd.fresh("gathered"))
+    g = sige_gather.body_blocks(bd, [x, indices, scale, shift], attrs, out=bd.fresh("gathered"))
     conv_in = [g, weight] + ([bias] if bias is not None else [])
     return bd.op("Conv", *conv_in, out="y", strides=list(attrs["strides"]), group=attrs["group"],
                  pads=[0, 0, 0, 0])

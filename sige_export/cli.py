@@ -68,6 +68,10 @@ def check_target(target: str) -> str:
     return target
 
 
+# the sparsifier options ExportOptions passes on, whose errors name the --flag
+_SPARSIFY_FLAGS = ("block_size", "sparse_min_res", "sparse_min_blocks", "attention_min_res")
+
+
 @dataclass
 class ExportOptions:
     block_size: Optional[int] = None
@@ -119,8 +123,10 @@ def export(model: str, target: str, output: str | os.PathLike | None = None, *, 
     check_target(target)
     try:
         sparsify_options = options.sparsify_options()  # bad values fail before the model is loaded
-    except ValueError as e:
-        raise CliError(str(e).replace("_", "-")) from None
+    except ValueError as e:  # SparsifyOptions names the field; the user gave the flag
+        name, _, rest = str(e).partition(" ")
+        flag = f"--{name.replace('_', '-')}" if name in _SPARSIFY_FLAGS else name
+        raise CliError(f"{flag} {rest}") from None
     output = Path(output) if output is not None else default_output(model, target)
     if target not in (DENSE_ONNX, "onnx"):
         from .targets import ToolchainError, get  # noqa: PLC0415

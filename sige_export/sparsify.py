@@ -717,10 +717,11 @@ class _Sparsifier(TokenRules):
             return {}
         return {"activation": rep.act, **({"alpha": float(rep.alpha)} if rep.act == "leaky_relu" else {})}
 
-    def _fusable(self, rep: Rep) -> bool:
-        """Pending blocks whose full tensor is never needed: gather straight from blocks and base."""
+    def _fusable(self, rep: Rep, padding: str = "zeros") -> bool:
+        """Pending blocks whose full tensor is never needed: gather straight from blocks and base (a scatter-gather
+        pads with zeros only)."""
         return (rep.pending is not None and rep.full is None and rep.pending.residual is None
-                and rep.pending.blocks not in self.forbid_fusion)
+                and rep.pending.blocks not in self.forbid_fusion and padding == "zeros")
 
     def _full_base(self, x: str, rep: Rep) -> str:
         """The full tensor under ``rep``'s pre-ops, materialised once and remembered for ``x``."""
@@ -734,7 +735,7 @@ class _Sparsifier(TokenRules):
         """Output blocks of a conv over ``rep`` on ``grid`` (pre-ops fused into the gather; ``padding``: what the
         gather reads outside the image, see docs/sige-ops.md)."""
         c = grid.config
-        if (self._fusable(rep) and padding == "zeros") or rep.expr is not None:
+        if self._fusable(rep, padding) or rep.expr is not None:
             gathered = self._gather(x, rep, grid, idx, padding)
             return self.b.node("Conv", [gathered, weight] + ([bias] if bias else []), EDIT_PREFIX + "conv_blocks",
                                kernel_shape=list(c.kernel), strides=list(c.stride), group=group, pads=[0, 0, 0, 0])
@@ -781,7 +782,7 @@ class _Sparsifier(TokenRules):
             inside = self.b.sige("SigeGather", [ones, idx], EDIT_PREFIX + "inside", block=list(grid.config.block))
             return self.b.node("Mul", [values, inside], EDIT_PREFIX + "blk_expr")
         pre = self._pre_attrs(rep)
-        if self._fusable(rep) and padding == "zeros":  # a scatter-gather pads with zeros only
+        if self._fusable(rep, padding):
             p = rep.pending
             return self.b.sige("SigeScatterGather",
                                [p.blocks, p.base, self._scatter_map(p), idx, rep.scale or "", rep.shift or ""],
