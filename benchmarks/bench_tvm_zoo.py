@@ -132,7 +132,7 @@ def bench_model(model: str, a, log) -> dict:
     t_ort, t_prime = float(np.median(t_ort)), float(np.median(t_prime))
     log(f"{model}: ORT dense {t_ort * 1e3:.1f} ms, TVM prime {t_prime * 1e3:.1f} ms (rel err {prime_err:.1e})")
 
-    program = SigeProgram.load(prog_path)
+    program = SigeProgram.load(prog_path, weights=False)  # for MACs: the artifact holds the weights
     dense_macs = count_macs(program.dense_model()).total
     res = tuple(manifest["mask"]["resolution"])
     src = manifest["mask"]["source"]

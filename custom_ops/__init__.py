@@ -119,16 +119,20 @@ def function_for(node: onnx.NodeProto, onnx_opset: int = ONNX_OPSET) -> onnx.Fun
                        opset=max(ONNX_OPSET, int(onnx_opset)))
 
 
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with one body per distinct overload of its main-graph ``ai.sige`` nodes.
+def attach_functions(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` (``model`` itself if ``in_place``) with one body per distinct overload of its
+    main-graph ``ai.sige`` nodes.
 
     Sets every such node's ``overload`` to the canonical name, replaces any ``ai.sige`` functions
     already present, adds the ``ai.sige`` v1 opset import and raises ``ir_version`` to >= 10.
     The bodies import the model's default-domain opset (at least 18; a model below 17 is rejected:
     convert it with ``onnx.version_converter`` first). Idempotent.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if in_place:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     default = [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")]
     if default and default[0] < MIN_MODEL_OPSET:
         raise ValueError(f"attach_functions: the model imports default-domain opset {default[0]}; the ai.sige "

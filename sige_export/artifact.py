@@ -160,6 +160,7 @@ def build_artifact(program, target: str, output: str | os.PathLike,
 
     import tvm
 
+    from . import onnx_io
     from .compiler import compile_program
     from .targets import get as get_target
 
@@ -169,13 +170,17 @@ def build_artifact(program, target: str, output: str | os.PathLike,
     spec.check_toolchain()  # ToolchainError saying what to install
     output = Path(output)
     man = program.manifest
-    models = {"prime": program.prime_model(), "edit": program.edit_model()}
+    # The passes are cut from the program without its weights' data (a copy per pass would triple a big
+    # model's memory); the weights become inputs, read from ``weights.bin``.
+    light, data = onnx_io.detach_weights(program.model)
+    light_program = type(program)(light, man)
+    models = {"prime": light_program.prime_model(), "edit": light_program.edit_model()}
     # weights: every liftable initializer of either pass, stored once
     weights: dict[str, Any] = {}
     for m in models.values():
         for t in m.graph.initializer:
             if _liftable(t) and t.name not in weights:
-                weights[t.name] = t
+                weights[t.name] = data.get(t.name, t)
     # conv weights pre-packed once here ([Cout/v, Cin, kh, kw, v], v = the CPU target's vector width):
     # stored packed, read packed by the kernels, never repacked per call
     packed: dict[str, int] = {}
@@ -201,6 +206,7 @@ def build_artifact(program, target: str, output: str | os.PathLike,
 
                 model, working = with_working_copies(model)
             lifted, params = _lift_params(model, set(weights))
+            onnx_io.attach_weights(lifted, data)  # big constants that stay constants of the pass
             pk = {n: v for n, v in packed.items() if n in params}
             if pk:
                 from .tvm_schedules.packing import with_packed_inputs

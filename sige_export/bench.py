@@ -771,16 +771,6 @@ def _count_macs(model, shapes: Mapping[str, Sequence[int]] | None) -> Optional[i
         return None
 
 
-def _ort_session(model, threads: Optional[int]):
-    import onnxruntime as ort  # noqa: PLC0415
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def run_benchmark(subject: Subject, edits: Sequence[EditSpec], cfg: TimingConfig, *,
                   inputs: Optional[Mapping[str, np.ndarray]] = None, input_source: str = "synthetic", seed: int = 0,
                   threads: Optional[int] = None, rpc_info: Optional[dict] = None,
@@ -821,7 +811,9 @@ def run_benchmark(subject: Subject, edits: Sequence[EditSpec], cfg: TimingConfig
     subject.program = None  # full-size weights: keep at most the baseline session's copy
     if subject.dense_onnx is not None:
         progress("onnxruntime dense")
-        ort_sess = _ort_session(subject.dense_onnx, threads)
+        from .onnx_io import session  # noqa: PLC0415
+
+        ort_sess = session(subject.dense_onnx, threads)
         subject.dense_onnx = None
         wanted = {i.name for i in ort_sess.get_inputs()}
         ort_feeds = {k: v for k, v in feeds.items() if k in wanted}

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, cache_dir
+from . import __version__, cache_dir, onnx_io
 
 PROG = "sige-export"
 DENSE_ONNX = "dense-onnx"
@@ -141,16 +141,18 @@ def export(model: str, target: str, output: str | os.PathLike | None = None, *, 
         shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in loaded.input_shapes.items())
         log(f"loaded {loaded.name} ({loaded.source}); inputs {shapes}")
         dense = frontend.to_dense_onnx(loaded, opset=options.opset)
+        del loaded  # the module's weights, now in the ONNX model: free them before sparsify copies those
     except frontend.FrontendError as e:
         raise CliError(str(e)) from None
     log(f"dense ONNX: {len(dense.graph.node)} nodes")
     if target == DENSE_ONNX:
-        frontend.save_onnx(dense, output)
+        onnx_io.save(dense, output)
         return output
     try:
         result = sparsify(dense, sparsify_options)
     except SparsifyError as e:
         raise CliError(str(e)) from None
+    del dense
     m = result.manifest
     log(f"SIGE program: {len(m['sparse_convs'])} sparse convolutions, {len(m['indices'])} block grids, "
         f"{len(m['caches'])} caches, {len(m['dense_islands'])} dense ops")

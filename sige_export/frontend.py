@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from . import zoo
+from . import onnx_io, zoo
 
 SUPPORTED_SUFFIXES = {
     ".onnx": "ONNX model",
@@ -419,7 +419,7 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception:  # noqa: BLE001 - folding is an optimisation only
         pass
     try:
-        if model.ByteSize() >= (1 << 31) - (1 << 20):
+        if not onnx_io.fits(model):
             return model
         import onnxscript.optimizer
 
@@ -506,26 +506,11 @@ def _fix_onnx_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, tuple[in
             for d in shapes[inp.name]:
                 dims.dim.add().dim_value = int(d)
     try:
-        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
+        out = onnx_io.infer_shapes(out, data_prop=True)
     except Exception:  # noqa: BLE001
         pass
     return out
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Save ``model``; weights go to ``<path>.data`` when the model exceeds protobuf's 2 GiB limit."""
-    path = str(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        big = model.ByteSize() >= (1 << 31) - (1 << 20)
-    except Exception:  # noqa: BLE001
-        big = True
-    if big:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data")
-    else:
-        onnx.save_model(model, path)
-
-
 __all__ = ["FrontendError", "LoadedModel", "SUPPORTED_SUFFIXES", "load_model", "load_state_dict_checked",
-           "parse_input_shape", "save_onnx", "to_dense_onnx"]
+           "parse_input_shape", "to_dense_onnx"]

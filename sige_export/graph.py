@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
+
+from . import onnx_io
 
 
 def attrs_of(node: onnx.NodeProto) -> dict:
@@ -54,6 +57,30 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+class Constants(Mapping):
+    """The graph's initializers by name as numpy arrays, each converted on first use: the graph passes read
+    few weights (norm affines, shapes), and a copy of all of them would double a big model's memory."""
+
+    def __init__(self, tensors: dict[str, onnx.TensorProto]) -> None:
+        self.tensors = tensors
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = numpy_helper.to_array(self.tensors[name])
+        return arr
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 @dataclass
 class GraphInfo:
     """Read-only facts about a graph: producers, consumers, shapes, constant values."""
@@ -63,12 +90,14 @@ class GraphInfo:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
     shapes: dict[str, tuple] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
-    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    consts: Constants = field(default_factory=lambda: Constants({}))
 
     @classmethod
-    def build(cls, model: onnx.ModelProto) -> "GraphInfo":
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
-        info = cls(model=model)
+    def build(cls, model: onnx.ModelProto, weights: dict[str, onnx.TensorProto] | None = None) -> "GraphInfo":
+        """``weights``: the data of initializers that ``model`` holds detached (:func:`onnx_io.detach_weights`)."""
+        inferred = onnx_io.infer_shapes(model, weights=False, data_prop=True)
+        weights = weights or {}
+        info = cls(model=model, consts=Constants({i.name: weights.get(i.name, i) for i in model.graph.initializer}))
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             t = vi.type.tensor_type
             if t.HasField("shape"):
@@ -77,9 +106,7 @@ class GraphInfo:
                 )
             info.dtypes[vi.name] = t.elem_type
         for init in model.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            info.consts[init.name] = arr
-            info.shapes[init.name] = tuple(arr.shape)
+            info.shapes[init.name] = tuple(init.dims)
             info.dtypes[init.name] = init.data_type
         for node in model.graph.node:
             for o in node.output:
@@ -100,6 +127,7 @@ class GraphInfo:
 
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
+        onnx_io.attach_weights(m, self.consts.tensors)
         m.graph.output.extend(helper.make_value_info(n, onnx.TypeProto()) for n in names)
         feeds = {}
         inits = {i.name for i in m.graph.initializer}
@@ -111,7 +139,7 @@ class GraphInfo:
                 return
             feeds[vi.name] = np.zeros(dims, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
         try:
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            sess = onnx_io.session(m)
             values = sess.run(names, feeds)
         except Exception:  # the caller treats unknown shapes as dense islands
             return
@@ -209,7 +237,7 @@ def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelPr
         consts = {i.name for i in graph.initializer}
         shapes: dict[str, tuple] = {}
         if any(n.op_type == "Shape" for n in graph.node):
-            inferred = shape_inference.infer_shapes(model)
+            inferred = onnx_io.infer_shapes(model, weights=False)
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
                 dims = vi.type.tensor_type.shape.dim
                 if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
@@ -249,7 +277,7 @@ def fold_constants(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelPr
 
 def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Dims of every inferred tensor and graph input (0 where unknown)."""
-    inferred = shape_inference.infer_shapes(model)
+    inferred = onnx_io.infer_shapes(model, weights=False)
     return {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input)}
 

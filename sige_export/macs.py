@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from . import SIGE_DOMAIN
+from . import SIGE_DOMAIN, onnx_io
 
 Shape = tuple[int, ...]
 
@@ -181,21 +181,16 @@ MACS_RULES: dict[tuple[str, str], MacsRule] = {
     (SIGE_DOMAIN, "SigeSparseConv2d"): _sige_sparse_conv,
 }
 
-_BIG = 4096  # initializers with more elements are replaced by typed inputs for shape inference
-
-
 def _lighten(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
     """Copy of ``model`` without large initializer data (inputs of the same type instead).
 
     Keeps shape inference fast and within protobuf's 2 GiB limit for big models (and works for
     models with external data that was never loaded)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < (1 << 30) else _copy_without_data(model, light)
+    light, _ = onnx_io.detach_weights(model)
     g = light.graph
     keep, moved = [], []
     for init in g.initializer:
-        n = math.prod(init.dims)
-        if n > _BIG or init.data_location == onnx.TensorProto.EXTERNAL:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
             moved.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             keep.append(init)
@@ -216,27 +211,6 @@ def _lighten(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] |
                     dims.dim.add().dim_value = int(d)
         del g.value_info[:]
     return light
-
-
-def _copy_without_data(model: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(dst, fname, getattr(model, fname))
-    dst.opset_import.extend(model.opset_import)
-    dst.functions.extend(model.functions)
-    g = dst.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    for init in model.graph.initializer:
-        t = g.initializer.add()
-        if math.prod(init.dims) > _BIG:
-            t.name, t.data_type = init.name, init.data_type
-            t.dims.extend(init.dims)
-            t.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here"
-        else:
-            t.CopyFrom(init)
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None

@@ -12,6 +12,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import onnx
 
+from . import onnx_io
 from .graph import extract
 from .mask import BlockConfig, all_block_indices, block_indices, scatter_map
 from .sparsify import MANIFEST_KEY
@@ -33,19 +34,22 @@ class SigeProgram:
         return cls(model, json.loads(props[MANIFEST_KEY]))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SigeProgram":
+    def load(cls, path: str | os.PathLike, *, weights: bool = True) -> "SigeProgram":
+        """``weights=False`` leaves the data of a big program's weights in its ``.data`` file (the graph, shapes
+        and MACs only)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such SIGE program: {path}")
         try:
-            model = onnx.load(str(path))
+            model = onnx.load(str(path), load_external_data=weights)
         except Exception as e:  # protobuf raises a variety of DecodeErrors
             raise ValueError(f"{path} is not a readable ONNX file ({e})") from e
         return cls.from_model(model)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then rename."""
-        return write_atomic(Path(path), self.model.SerializeToString())
+        """Write atomically (a temporary file in the same folder, then rename); the weights of a program over
+        protobuf's 2 GiB limit go to ``<name>.data`` beside it."""
+        return onnx_io.save(self.model, path)
 
     def prime_model(self) -> onnx.ModelProto:
         m = self.manifest["prime"]
@@ -79,13 +83,6 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as f:
-        f.write(data)
-    return path
 
 
 def grid_config(grid: dict) -> BlockConfig:

@@ -30,6 +30,7 @@ from typing import Any, Hashable, Protocol, Sequence
 import numpy as np
 
 from . import mask as masks
+from . import onnx_io
 from .program import SigeProgram, derived_feeds, grid_indices
 
 # Edit ratio above which an edit runs dense when neither the manifest (``runtime.crossover_ratio``),
@@ -161,13 +162,8 @@ class OnnxRuntimeBackend:
     """
 
     def __init__(self, program: SigeProgram, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.program = program
-        self._opts = ort.SessionOptions()
-        if threads:
-            self._opts.intra_op_num_threads = threads
-        self._opts.log_severity_level = 3
+        self._threads = threads
         self._prime = self._session(program.prime_model())
         self._edit = self._session(program.edit_model())
         self._dense = self._session(program.dense_model())
@@ -180,9 +176,7 @@ class OnnxRuntimeBackend:
         self._commit_lock = threading.Lock()
 
     def _session(self, model):
-        import onnxruntime as ort
-
-        return ort.InferenceSession(model.SerializeToString(), self._opts, providers=["CPUExecutionProvider"])
+        return onnx_io.session(model, self._threads)
 
     @staticmethod
     def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

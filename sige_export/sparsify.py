@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import onnx_io
 from .mask import BlockConfig, snap_block
 from .token_rules import Rows, TokenRules
 from .graph import (GraphInfo, attrs_of, constants_to_initializers, conv_transposes_as_convs, fold_constants,
@@ -453,11 +454,12 @@ class SparsifyResult:
 
 
 class _Sparsifier(TokenRules):
-    def __init__(self, prepared: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str]) -> None:
+    def __init__(self, model: onnx.ModelProto, options: SparsifyOptions, forbid_fusion: set[str],
+                 weights: dict[str, onnx.TensorProto] | None = None) -> None:
+        """Rewrites ``model`` in place; ``weights``: the data of initializers ``model`` holds detached."""
         self.opts = options
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(prepared)
-        self.info = GraphInfo.build(self.model)
+        self.model = model
+        self.info = GraphInfo.build(self.model, weights)
         self.ops = canonical_ops(self.info)
         used = {t for n in self.model.graph.node for t in list(n.input) + list(n.output)}
         used |= {i.name for i in self.model.graph.input} | {i.name for i in self.model.graph.initializer}
@@ -1227,9 +1229,7 @@ def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         return m
-    from onnx import version_converter
-
-    return version_converter.convert_version(model, version)
+    return onnx_io.convert_version(model, version)  # a new model too
 
 
 def _check_static(model: onnx.ModelProto) -> None:
@@ -1253,11 +1253,14 @@ def sparsify(dense: onnx.ModelProto, options: SparsifyOptions | None = None) -> 
     prepared = norms_before_depth_to_space(conv_transposes_as_convs(prepared))
     # Pass 1 learns which pending scatters get materialised anyway; pass 2 skips fusing those
     # into ScatterGather (the full tensor exists, so a plain sparse conv over it is cheaper).
-    first = _Sparsifier(prepared, options, set())
+    # Pass 1 only looks: it works on a copy without the weights' data, pass 2 on ``prepared`` itself.
+    light, weights = onnx_io.detach_weights(prepared)
+    first = _Sparsifier(light, options, set(), weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first.run()
     s = _Sparsifier(prepared, options, first.materialized_pending)
+    del first, light, weights
     s.run()
     if not s.sparse_convs:
         raise SparsifyError("the model has no convolution on the editable input's spatial path that can be "
@@ -1305,9 +1308,11 @@ def _assemble(s: _Sparsifier) -> SparsifyResult:
     ordered = topological_nodes(g)
     del g.node[:]
     g.node.extend(ordered)
-    model = custom_ops.attach_functions(model)
+    custom_ops.attach_functions(model, in_place=True)
     # Shapes of every tensor (caches become outputs/inputs of the extracted passes).
-    model = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx_io.infer_shapes(model, weights=False)
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     caches = []
     for c in s.caches:
