@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from sige_export import custom_ops
 from sige_export.compiler import compile_program
@@ -496,3 +496,38 @@ def test_reduction_over_no_blocks_is_zero():
         idx = gather_grid(n)
         want = custom_ops.reference("SigeGather", x, idx, block=[6, 6]).sum(0, keepdims=True)
         assert_close(lib.run(x, idx), want, rtol=1e-5, atol=1e-5, what=f"sum over N={n} blocks")
+
+
+# -- MatMul (cpu.matmul) -----------------------------------------------------------------------------
+# Transformer shapes at small sizes: token rows of an edit (symbolic R, ragged against the 8-row tiles, 0
+# included), attention heads of 40 (5 half-vectors), batched heads and 2-D weights, with a fused epilogue.
+MATMUL_CASES = {
+    "rows x weight + bias": ([1, "R", 24], [24, 48], True),
+    "heads x keys^T": ([1, 2, "R", 40], [1, 2, 40, 64], False),
+    "scores x values (40 wide)": ([1, 2, "R", 96], [1, 2, 96, 40], False),
+    "static rows, 40 wide": ([3, 20, 32], [32, 40], True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MATMUL_CASES))
+def test_matmul(case):
+    a_shape, b_shape, bias = MATMUL_CASES[case]
+    weight = f32(*b_shape) if len(b_shape) == 2 else None
+    inputs = [vi("a", a_shape)] + ([] if weight is not None else [vi("b", b_shape)])
+    inits = [init("w", weight)] if weight is not None else []
+    nodes = [helper.make_node("MatMul", ["a", "w" if weight is not None else "b"], ["m"])]
+    if bias:
+        inits.append(init("bias", f32(b_shape[-1])))
+        nodes.append(helper.make_node("Add", ["m", "bias"], ["y"]))
+    else:
+        inits.append(init("scale", np.array(0.125, np.float32)))
+        nodes.append(helper.make_node("Mul", ["m", "scale"], ["y"]))
+    lib = compile_program(make_model(nodes, inputs, [vi("y", None)], inits), "host")
+    assert "cpu.matmul" in {r for _, r, s in lib.schedule_log if s == "ok"}, lib.schedule_log
+    for rows in ((0, 1, 13, 8) if "R" in a_shape else (None,)):
+        a = f32(*[rows if d == "R" else d for d in a_shape])
+        b = weight if weight is not None else f32(*b_shape)
+        want = a @ b
+        want = want + numpy_helper.to_array(inits[-1]) if bias else want * np.float32(0.125)
+        got = lib.run(a) if weight is not None else lib.run(a, b)
+        assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"{case}, R={rows}")

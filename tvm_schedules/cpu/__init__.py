@@ -13,7 +13,8 @@ Matmul, Generic; the first match wins, like ``s_tir.dlight``):
 * ``DepthwiseBlocks`` -- depthwise convs over gathered blocks (fused with a ``SigeScatterGather``) and tiny
   maps: a block per task, its tile stored channels-innermost.
 * ``Matmul``      -- ``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]``-like 1-reduction blocks with a
-  static vectorisable ``j``: register-blocked ``4 x V``.
+  static vectorisable ``j`` (``i`` may be symbolic: an edit's changed tokens): register tiles of up to 16
+  vector accumulators, column panels outermost.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
 * ``GroupMoments`` -- ``SigeTileMoments`` / ``SigeScatterMoments`` (group-norm statistics of an edit): one
@@ -477,10 +478,40 @@ class DepthwiseBlocks(ScheduleRule):
         return sch
 
 
+def _matmul_width(ej: int, lanes: int) -> Optional[int]:
+    """Output columns per register tile: two vectors, one, or a whole short row of half-vectors (attention
+    heads of 40: 5 x 8); None when ``j`` has no such tiling."""
+    for width in (2 * lanes, lanes):
+        if ej % width == 0:
+            return width
+    half = max(lanes // 2, 1)
+    if ej % half == 0 and ej <= 4 * lanes:
+        return ej
+    return None
+
+
+def _row_operand(sch, block) -> Optional[int]:
+    """The read index of the matmul operand indexed by the output row (the block's third-to-last iterator)."""
+    blk = sch.get(block)
+    row = blk.iter_vars[-3].var
+    found = []
+    for n, region in enumerate(blk.reads):
+        if _buf(region).same_as(_buf(blk.writes[0])):
+            continue
+        if any(v.same_as(row) for r in region.region for v in tirx.analysis.undefined_vars(r.min)):
+            found.append(n)
+    return found[0] if len(found) == 1 else None
+
+
 class Matmul(ScheduleRule):
-    """Spatial ``(..., i, j)`` x one reduction ``k`` with output ``[..., i, j]``: 4 x V register tiles."""
+    """``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]`` (one reduction, ``j`` the contiguous output axis):
+    register tiles of ``TI x JV`` accumulators (JV one or two vectors, or a short row), the ``k`` loop inside,
+    column panels outermost so a panel of ``B`` stays in cache while all rows pass over it. ``i`` may be
+    symbolic (the changed tokens of an edit): a ragged last row tile computes from a copy of ``A``'s rows and
+    only its write-back is predicated."""
 
     name = "cpu.matmul"
+    ACCUMULATORS = 16  # of the 32 vector registers (AVX-512): the rest hold B's vectors and A's broadcasts
 
     def apply(self, func, target):
         if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
@@ -494,13 +525,13 @@ class Matmul(ScheduleRule):
         types = _iter_types(sch, mm)
         if types[-1] != COMM_REDUCE or types.count(COMM_REDUCE) != 1 or len(types) < 3:
             return None
-        # the reduction var must not index the output, j (last spatial) must be the contiguous output axis
         loops = sch.get_loops(mm)
         if len(loops) != len(types):
             return None
         ei, ej = _loop_extent(sch, loops[-3]), _loop_extent(sch, loops[-2])
         lanes = vector_lanes(target)
-        if ei is None or ej is None or ej % lanes != 0:
+        jv = _matmul_width(ej, lanes) if ej is not None else None
+        if jv is None:
             return None
         before, after = _around(sch, mm)
         if any(not _is_spatial(sch, b) for b in before + after):
@@ -510,19 +541,37 @@ class Matmul(ScheduleRule):
                 sch.compute_inline(b)
             except Exception:
                 pass
+        a_index = _row_operand(sch, mm)
         last = _accumulate_locally(sch, mm, after)
         *batch, i, j, k = sch.get_loops(mm)
-        ti = _largest_divisor(ei, 4)
-        jv = lanes * (2 if ej % (2 * lanes) == 0 else 1)
-        io, ii = sch.split(i, [None, ti])
+        # a short row (40) is 5 half-vectors: LLVM lowers a 40-lane vector through the stack
+        vec = lanes if jv % lanes == 0 else max(lanes // 2, 1)
+        ti = max(1, min(8, self.ACCUMULATORS // (jv // vec)))
+        if ei is not None:
+            ti = _largest_divisor(ei, ti) if _largest_divisor(ei, ti) * 2 > ti else min(ti, ei)
+        ragged = ei is None or ei % ti != 0
+        if ragged and a_index is None:
+            return None
+        # A ragged last row tile would predicate every FMA (accumulators then live in memory): the tile computes
+        # all its rows from a copy of A's rows (those past the end are never read) and writes back the valid ones.
+        io, ii = sch.split(i, [None, ti], disable_predication=ragged)
         jo, ji = sch.split(j, [None, jv])
-        sch.reorder(*batch, io, jo, k, ii, ji)
-        sch.reverse_compute_at(last, jo, preserve_unit_loops=True)
+        jm, ji = sch.split(ji, [None, vec])
+        sch.reorder(*batch, jo, io, k, ii, jm, ji)
+        if ragged:
+            rows = sch.cache_read(mm, a_index, "local")
+            sch.compute_at(rows, io, preserve_unit_loops=True)
+        sch.reverse_compute_at(last, io, preserve_unit_loops=True)
         sch.unroll(ii)
+        sch.unroll(jm)
         sch.vectorize(ji)
-        el = sch.get_loops(last)
-        sch.vectorize(el[-1])
-        outer = sch.fuse(*batch, io, jo)
+        *_, wj = sch.get_loops(last)
+        sch.vectorize(sch.split(wj, [None, vec])[1])
+        panels = 1
+        for lp in [*batch, jo]:
+            panels *= _loop_extent(sch, lp) or 1
+        # enough column panels (x batch) to share among the threads; otherwise rows are split too
+        outer = sch.fuse(*batch, jo) if panels >= 8 else sch.fuse(*batch, jo, io)
         sch.parallel(outer)
         sch.decompose_reduction(mm, k)
         return sch
