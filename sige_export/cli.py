@@ -184,7 +184,7 @@ def export_command(
     sparse_min_blocks: Optional[int] = typer.Option(None, "--sparse-min-blocks",
                                                     help="convolutions over fewer blocks run dense (default 8)"),
     attention_min_res: Optional[int] = typer.Option(None, "--attention-min-res",
-                                                    help="transformers on smaller maps run dense (default 64)"),
+                                                    help="transformers on smaller maps run dense (default 16)"),
     norm_stats: NormStats = typer.Option(NormStats.update, "--norm-stats",
                                          help="normalisation statistics: original or update"),
     size: str = typer.Option("full", "--size", help="zoo model size: full or tiny"),

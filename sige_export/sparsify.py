@@ -72,7 +72,7 @@ class SparsifyOptions:
     # grid, so gathering costs more than it saves (ddpm's 8x8 maps, 4 blocks: 0.98x as sparse; GauGAN's 8x16,
     # 8 blocks: 1.07x at a 1.2% edit)
     sparse_min_blocks: int = 8
-    attention_min_res: int = 64  # attention regions below run dense (scatter first)
+    attention_min_res: int = 16  # attention regions below run dense (scatter first)
     # "update": statistics exact for the edited input, corrected over the changed tiles (same MACs;
     # the fidelity report shows it equal at small edits and far better at large ones: ddpm-church256
     # 33% blob 29.6 dB vs 4.8 dB, gancomp-gaugan 35.0 vs 31.7 dB). "original": the paper's cached stats.

@@ -531,3 +531,24 @@ def test_matmul(case):
         want = want + numpy_helper.to_array(inits[-1]) if bias else want * np.float32(0.125)
         got = lib.run(a) if weight is not None else lib.run(a, b)
         assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"{case}, R={rows}")
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 8, 20), 2), ((2, 8, 20), 1), ((1, 3, 12, 5), 2), ((9, 4), 0)])
+def test_scatter_elements_of_changed_tokens(shape, axis):
+    """The sparsifier's token scatter (ScatterElements of R rows into a cached map, the same rows for every other
+    index) as scheduled blocks, for several R on one module (R = 0 included), against numpy's put_along_axis."""
+    ushape = [("R" if k == axis else d) for k, d in enumerate(shape)]
+    m = make_model([helper.make_node("ScatterElements", ["d", "i", "u"], ["y"], axis=axis)],
+                   [vi("d", list(shape)), vi("i", ushape, TensorProto.INT64), vi("u", ushape)], [vi("y", None)])
+    lib = compile_program(m, "host")
+    assert [r for f, r, s in lib.schedule_log if s == "ok" and "scatter" in f] == ["cpu.generic"], lib.schedule_log
+    for rows in (0, 3, 7):
+        pos = RNG.choice(shape[axis], rows, replace=False)
+        concrete = [rows if d == "R" else d for d in ushape]
+        view = [1] * len(shape)
+        view[axis] = rows
+        idx = np.ascontiguousarray(np.broadcast_to(pos.reshape(view), concrete), np.int64)
+        d, upd = f32(*shape), f32(*concrete)
+        want = d.copy()
+        np.put_along_axis(want, idx, upd, axis)
+        assert_close(lib.run(d, idx, upd), want, rtol=0, atol=0, what=f"R={rows}")

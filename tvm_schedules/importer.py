@@ -420,6 +420,9 @@ def _importer_class():
                     pass
                 elif node.domain in STANDARD_DOMAINS and node.op_type == "Pad" and self._construct_border_pad(node):
                     pass
+                elif (node.domain in STANDARD_DOMAINS and node.op_type == "ScatterElements"
+                      and self._construct_scatter_elements(node)):
+                    pass
                 elif node.domain in STANDARD_DOMAINS:
                     super()._construct_nodes(self._OneNode(node))
                 elif node.domain == SIGE_DOMAIN:
@@ -454,6 +457,38 @@ def _importer_class():
             gv = self.bb.add_func(sige_te.pad_primfunc(*shape, pads, mode), f"{mode}_pad")
             self._nodes[node.output[0]] = self.bb.emit(
                 relax.call_tir(gv, relax.Tuple([x]), relax.TensorType(out, "float32")))
+            return True
+
+        def _construct_scatter_elements(self, node) -> bool:
+            """ScatterElements of the changed tokens into a cached map (``sige_te.scatter_elements_primfunc`` over the
+            tensors reshaped to [before axis, axis, after axis]): float32 data of static shape, int64 indices, no
+            reduction; False for any other."""
+            import math
+
+            from tvm import relax
+
+            from . import sige_te
+
+            attrs = {at.name: at for at in node.attribute}
+            if "reduction" in attrs and attrs["reduction"].s.decode() != "none":
+                return False
+            data, idx, upd = (self._nodes.get(i) for i in node.input)
+            try:
+                shape = [int(d) for d in _shape_of(data)]
+                updates = list(_shape_of(upd))
+            except Exception:
+                return False
+            axis = (attrs["axis"].i if "axis" in attrs else 0) % len(shape)
+            if str(data.ty.dtype) != "float32" or str(idx.ty.dtype) != "int64" or len(updates) != len(shape):
+                return False
+            pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+            as3 = [pre, updates[axis], post]
+            args = [self.bb.emit(relax.op.reshape(data, [pre, shape[axis], post])),
+                    self.bb.emit(relax.op.reshape(idx, as3)), self.bb.emit(relax.op.reshape(upd, as3))]
+            gv = self.bb.add_func(sige_te.scatter_elements_primfunc((pre, shape[axis], post)), "scatter_rows")
+            out = self.bb.emit(relax.call_tir(gv, relax.Tuple(args),
+                                              relax.TensorType([pre, shape[axis], post], "float32")))
+            self._nodes[node.output[0]] = self.bb.emit(relax.op.reshape(out, shape))
             return True
 
         def _construct_mean_as_sum(self, node) -> bool:

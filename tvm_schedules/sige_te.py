@@ -606,3 +606,30 @@ def restore_primfunc(B, C, Ho, Wo, ph, pw, offset, stride):
                 q = T.floordiv(T.Cast("int64", idx[vn, 1]) + ow, sw)
                 block_row(work, vb, vc, r, q, pw, Ho, Wo, lambda j: cache[vb, vc, r, q + j])
     return restore
+
+
+def scatter_elements_primfunc(shape, dtype: str = "float32"):
+    """ONNX ScatterElements (no reduction) along the middle axis of ``data`` [A, N, P] (any axis of any tensor,
+    reshaped) with ``R`` updates on it (symbolic: an edit's changed tokens): a copy of ``data``, then one store per
+    update, as blocks the generic schedules parallelise (TOPI's scatter_elements is one serial loop nest)."""
+    from tvm.script import tirx as T
+
+    A, N, P = (int(v) for v in shape)
+
+    @T.prim_func(private=True, s_tir=True)
+    def scatter(var_data: T.handle, var_idx: T.handle, var_upd: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        R = T.int64()
+        data = T.match_buffer(var_data, (A, N, P), dtype)
+        idx = T.match_buffer(var_idx, (A, R, P), "int64")
+        upd = T.match_buffer(var_upd, (A, R, P), dtype)
+        out = T.match_buffer(var_out, (A, N, P), dtype)
+        for a, n, p in T.grid(A, N, P):
+            with T.sblock("scatter_base"):
+                va, vn, vp = T.axis.remap("SSS", [a, n, p])
+                out[va, vn, vp] = data[va, vn, vp]
+        for a, r, p in T.grid(A, R, P):
+            with T.sblock("scatter_rows"):
+                va, vr, vp = T.axis.remap("SSS", [a, r, p])
+                out[va, idx[va, vr, vp], vp] = upd[va, vr, vp]
+    return scatter
