@@ -547,8 +547,9 @@ class Matmul(ScheduleRule):
         # a short row (40) is 5 half-vectors: LLVM lowers a 40-lane vector through the stack
         vec = lanes if jv % lanes == 0 else max(lanes // 2, 1)
         ti = max(1, min(8, self.ACCUMULATORS // (jv // vec)))
-        if ei is not None:
-            ti = _largest_divisor(ei, ti) if _largest_divisor(ei, ti) * 2 > ti else min(ti, ei)
+        if ei is not None:  # a divisor of the rows if one is close to the tile, else a ragged last tile
+            divisor = _largest_divisor(ei, ti)
+            ti = divisor if 2 * divisor > ti else min(ti, ei)
         ragged = ei is None or ei % ti != 0
         if ragged and a_index is None:
             return None
