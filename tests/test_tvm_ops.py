@@ -2,6 +2,8 @@
 within 1e-5, for several block counts N (including 0) with one compiled module (symbolic N)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -325,18 +327,24 @@ def test_tile_moments_reads_concatenated_parts(split):
             assert_close(got, want, rtol=1e-4, atol=1e-4, what=f"SigeTileMoments N={n} offset={offset}")
 
 
-def test_fast_exp_sigmoid_accuracy():
-    """CPU targets lower exp/sigmoid to a vectorised polynomial (tvm_schedules.cpu.fastmath)."""
+def test_fast_exp_sigmoid_erf_accuracy():
+    """CPU targets lower exp/sigmoid/erf to vectorised polynomials (tvm_schedules.cpu.fastmath)."""
     x = np.concatenate([np.linspace(-120, 120, 4093), RNG.standard_normal(3) * 4]).astype(np.float32).reshape(1, 4096)
-    nodes = [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Sigmoid", ["x"], ["s"])]
-    m = make_model(nodes, [vi("x", [1, 4096])], [vi("e", None), vi("s", None)])
-    e, s = compile_program(m, "host", {"x": (1, 4096)}).run(x)
+    near = np.concatenate([np.linspace(-5, 5, 4090), [0.0, -0.0, 1e-30, -1e-7, 3.9, 4.1]]).astype(np.float32)
+    nodes = [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Erf", ["x"], ["f"]), helper.make_node("Erf", ["z"], ["g"])]
+    m = make_model(nodes, [vi("x", [1, 4096]), vi("z", [1, 4096])], [vi(n, None) for n in "esfg"])
+    e, s, f, g = compile_program(m, "host").run(x, near.reshape(1, 4096))
     xd = x.astype(np.float64)
     with np.errstate(over="ignore"):
         ref_e = np.exp(xd)
     ok = xd < 88.0
     assert np.all(np.abs(e[ok] - ref_e[ok]) <= 1e-6 * ref_e[ok] + 1e-37)
     assert np.abs(s - 1 / (1 + np.exp(-xd))).max() < 1e-6
+    erf = np.vectorize(math.erf)
+    for got, arg in ((f, xd), (g, near.astype(np.float64))):
+        want = erf(arg.reshape(got.shape))
+        assert np.all(np.abs(got - want) <= 2e-7 + 2e-6 * np.abs(want)), np.abs(got - want).max()
 
 
 def _ort_run(model, feeds):
@@ -506,6 +514,8 @@ MATMUL_CASES = {
     "heads x keys^T": ([1, 2, "R", 40], [1, 2, 40, 64], False),
     "scores x values (40 wide)": ([1, 2, "R", 96], [1, 2, 96, 40], False),
     "static rows, 40 wide": ([3, 20, 32], [32, 40], True),
+    "heads x 77 keys^T (ragged columns)": ([1, 2, "R", 40], [1, 2, 40, 77], False),
+    "static rows x 45 columns (ragged both)": ([2, 9, 24], [24, 45], True),
 }
 
 

@@ -13,8 +13,9 @@ Matmul, Generic; the first match wins, like ``s_tir.dlight``):
 * ``DepthwiseBlocks`` -- depthwise convs over gathered blocks (fused with a ``SigeScatterGather``) and tiny
   maps: a block per task, its tile stored channels-innermost.
 * ``Matmul``      -- ``C[..., i, j] = sum_k A[..., i, k] B[..., k, j]``-like 1-reduction blocks with a
-  static vectorisable ``j`` (``i`` may be symbolic: an edit's changed tokens): register tiles of up to 16
-  vector accumulators, column panels outermost.
+  static ``j`` of at least a vector (``i`` may be symbolic: an edit's changed tokens; a ragged last row or column
+  tile computes from a copy of its operand): register tiles of up to 16 vector accumulators, column panels
+  outermost.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
 * ``GroupMoments`` -- ``SigeTileMoments`` / ``SigeScatterMoments`` (group-norm statistics of an edit): one
@@ -478,27 +479,31 @@ class DepthwiseBlocks(ScheduleRule):
         return sch
 
 
-def _matmul_width(ej: int, lanes: int) -> Optional[int]:
-    """Output columns per register tile: two vectors, one, or a whole short row of half-vectors (attention
-    heads of 40: 5 x 8); None when ``j`` has no such tiling."""
+def _matmul_width(ej: int, lanes: int) -> Optional[tuple[int, bool]]:
+    """Output columns per register tile and whether the last tile is ragged: two vectors, one, or a whole short
+    row of half-vectors (attention heads of 40: 5 x 8); else the vector count that pads ``j`` least (77 keys of a
+    cross-attention: 5 tiles of 16, the last one ragged). None for fewer columns than a vector."""
     for width in (2 * lanes, lanes):
         if ej % width == 0:
-            return width
+            return width, False
     half = max(lanes // 2, 1)
     if ej % half == 0 and ej <= 4 * lanes:
-        return ej
-    return None
+        return ej, False
+    # one ragged tile only: its local buffers would be cut to the ``ej`` columns it covers
+    fits = [w for w in (2 * lanes, lanes) if ej > w]
+    return (min(fits, key=lambda w: (-ej % w, -w)), True) if fits else None
 
 
-def _row_operand(sch, block) -> Optional[int]:
-    """The read index of the matmul operand indexed by the output row (the block's third-to-last iterator)."""
+def _operand_indexed_by(sch, block, position: int) -> Optional[int]:
+    """The read index of the one operand whose region depends on the block's iterator at ``position`` (-3: the
+    matmul's output row, -2: its column); None when not exactly one."""
     blk = sch.get(block)
-    row = blk.iter_vars[-3].var
+    var = blk.iter_vars[position].var
     found = []
     for n, region in enumerate(blk.reads):
         if _buf(region).same_as(_buf(blk.writes[0])):
             continue
-        if any(v.same_as(row) for r in region.region for v in tirx.analysis.undefined_vars(r.min)):
+        if any(v.same_as(var) for r in region.region for v in tirx.analysis.undefined_vars(r.min)):
             found.append(n)
     return found[0] if len(found) == 1 else None
 
@@ -530,9 +535,10 @@ class Matmul(ScheduleRule):
             return None
         ei, ej = _loop_extent(sch, loops[-3]), _loop_extent(sch, loops[-2])
         lanes = vector_lanes(target)
-        jv = _matmul_width(ej, lanes) if ej is not None else None
-        if jv is None:
+        width = _matmul_width(ej, lanes) if ej is not None else None
+        if width is None:
             return None
+        jv, ragged_cols = width
         before, after = _around(sch, mm)
         if any(not _is_spatial(sch, b) for b in before + after):
             return None
@@ -541,7 +547,10 @@ class Matmul(ScheduleRule):
                 sch.compute_inline(b)
             except Exception:
                 pass
-        a_index = _row_operand(sch, mm)
+        a_index = _operand_indexed_by(sch, mm, -3)
+        b_index = _operand_indexed_by(sch, mm, -2)
+        if ragged_cols and b_index is None:
+            return None
         last = _accumulate_locally(sch, mm, after)
         *batch, i, j, k = sch.get_loops(mm)
         # a short row (40) is 5 half-vectors: LLVM lowers a 40-lane vector through the stack
@@ -553,12 +562,25 @@ class Matmul(ScheduleRule):
         ragged = ei is None or ei % ti != 0
         if ragged and a_index is None:
             return None
-        # A ragged last row tile would predicate every FMA (accumulators then live in memory): the tile computes
-        # all its rows from a copy of A's rows (those past the end are never read) and writes back the valid ones.
+        # A ragged last tile would predicate every FMA (accumulators then live in memory): it computes all its
+        # rows (columns) from a copy of A's rows (B's columns), those past the end never read, and writes back
+        # the valid ones.
         io, ii = sch.split(i, [None, ti], disable_predication=ragged)
-        jo, ji = sch.split(j, [None, jv])
+        jo, ji = sch.split(j, [None, jv], disable_predication=ragged_cols)
         jm, ji = sch.split(ji, [None, vec])
         sch.reorder(*batch, jo, io, k, ii, jm, ji)
+        panels = 1
+        for lp in [*batch, jo]:
+            panels *= _loop_extent(sch, lp) or 1
+        # enough column panels (x batch) to share among the threads; otherwise rows are split too
+        if panels >= 8:
+            outer = sch.fuse(*batch, jo)
+        else:
+            outer = io = sch.fuse(*batch, jo, io)
+        sch.parallel(outer)
+        if ragged_cols:
+            cols = sch.cache_read(mm, b_index, "local")
+            sch.compute_at(cols, outer, preserve_unit_loops=True)
         if ragged:
             rows = sch.cache_read(mm, a_index, "local")
             sch.compute_at(rows, io, preserve_unit_loops=True)
@@ -568,12 +590,6 @@ class Matmul(ScheduleRule):
         sch.vectorize(ji)
         *_, wj = sch.get_loops(last)
         sch.vectorize(sch.split(wj, [None, vec])[1])
-        panels = 1
-        for lp in [*batch, jo]:
-            panels *= _loop_extent(sch, lp) or 1
-        # enough column panels (x batch) to share among the threads; otherwise rows are split too
-        outer = sch.fuse(*batch, jo) if panels >= 8 else sch.fuse(*batch, jo, io)
-        sch.parallel(outer)
         sch.decompose_reduction(mm, k)
         return sch
 
