@@ -543,19 +543,6 @@ def test_matmul(case):
         assert_close(got, want, what=f"{case}, R={rows}")
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 5, 64), (3, 48), (2, 3, 4, 77)])
-def test_softmax(shape):
-    """Softmax over the last axis (attention scores): one row per task with vector partial max / sum when the axis
-    is a multiple of the vector width (cpu.softmax), the generic schedule otherwise; against numpy."""
-    m = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [vi("x", list(shape))], [vi("y", None)])
-    lib = compile_program(m, "host")
-    want_rule = "cpu.softmax" if shape[-1] % vector_lanes(get_target("host").tvm_target()) == 0 else "cpu.generic"
-    assert [r for _, r, s in lib.schedule_log if s == "ok"] == [want_rule], lib.schedule_log
-    x = f32(*shape) * 4
-    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
-    assert_close(lib.run(x), e / e.sum(-1, keepdims=True), what=f"softmax {shape}")
-
-
 @pytest.mark.parametrize("shape,axis", [((2, 8, 20), 2), ((2, 8, 20), 1), ((1, 3, 12, 5), 2), ((9, 4), 0)])
 def test_scatter_elements_of_changed_tokens(shape, axis):
     """The sparsifier's token scatter (ScatterElements of R rows into a cached map, the same rows for every other

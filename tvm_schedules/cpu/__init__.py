@@ -1,7 +1,7 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
 Rules (``default_rules`` tries SigeGatherScatter, GroupMoments, DepthwiseConv2d, DepthwiseBlocks, PointwiseBlocks,
-Conv2dNCHW, Matmul, Softmax, Generic; the first match wins, like ``s_tir.dlight``):
+Conv2dNCHW, Matmul, Generic; the first match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
   ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
@@ -16,8 +16,6 @@ Conv2dNCHW, Matmul, Softmax, Generic; the first match wins, like ``s_tir.dlight`
   static ``j`` of at least a vector (``i`` may be symbolic: an edit's changed tokens; a ragged last row or column
   tile computes from a copy of its operand): register tiles of up to 16 vector accumulators, column panels
   outermost.
-* ``Softmax``     -- softmax over a static last axis: a row per task, vector partial max / sum, one read of
-  the input.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
 * ``GroupMoments`` -- ``SigeTileMoments`` / ``SigeScatterMoments`` (group-norm statistics of an edit): one
@@ -786,48 +784,6 @@ class GroupMoments(ScheduleRule):
         return sch
 
 
-class Softmax(ScheduleRule):
-    """TOPI's softmax over a static last axis (a multiple of the vector width): one row at a time per task, its
-    max, ``exp`` (kept in a row-sized scratch) and sum as vector partial results, then the normalised row: one
-    read of the input, one write of the output. Stable Diffusion's 64x64 self-attention scores (512 MiB) are bound
-    by those (35 -> 30 ms per layer); only a fused attention would not write them."""
-
-    name = "cpu.softmax"
-    STAGES = ("T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum", "T_softmax_norm")
-
-    def apply(self, func, target):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
-            return None
-        sch = s_tir.Schedule(func)
-        if not all(_has_block(sch, name) for name in self.STAGES):
-            return None
-        lanes = vector_lanes(target)
-        maxelem, exp, expsum, norm = (sch.get_sblock(name) for name in self.STAGES)
-        *rows, last = sch.get_loops(norm)
-        n = _loop_extent(sch, last)
-        if n is None or n % lanes or not rows:
-            return None
-        _inline_except(sch, _root_blocks(sch), [maxelem, exp, expsum, norm])
-        partials = []
-        for block in (maxelem, expsum):  # vector partial results (rfactor), split before the blocks move
-            _, lane = sch.split(sch.get_loops(block)[-1], [None, lanes])
-            partials.append(sch.rfactor(lane, 0))
-        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-        sch.parallel(row)
-        sch.vectorize(sch.split(last, [None, lanes])[1])
-        for block in (expsum, partials[1], exp, maxelem, partials[0]):
-            sch.compute_at(block, row, preserve_unit_loops=True)
-        sch.vectorize(sch.split(sch.get_loops(exp)[-1], [None, lanes])[1])
-        sch.set_scope(exp, 0, "local")  # a row on the stack, not a workspace allocation per row
-        for partial in partials:  # lanes innermost: one vector of partial results per row
-            sch.set_scope(partial, 0, "local")
-            _, lane, *_, chunk = sch.get_loops(partial)
-            sch.reorder(chunk, lane)
-            sch.decompose_reduction(partial, chunk)
-            sch.unroll(lane)
-        return sch
-
-
 class Generic(ScheduleRule):
     """Fallback for injective and reduction functions: inline injective producers, parallel outer
     spatial loops, vectorise a static innermost spatial loop."""
@@ -939,8 +895,8 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 def default_rules():
     return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), PointwiseBlocks(), Conv2dNCHW(),
-            Matmul(), Softmax(), Generic()]
+            Matmul(), Generic()]
 
 
-__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "PointwiseBlocks", "Matmul", "Softmax", "SigeGatherScatter", "GroupMoments", "Generic",
+__all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "PointwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic",
            "default_rules", "vector_lanes"]
