@@ -18,7 +18,7 @@ def profile_passes(art_path: Path, feeds: dict, edit_full: dict, manifest: dict,
     """Per-PrimFunc profile of the prime and edit executables (Relax VM instrumentation, the median of ``RUNS``
     instrumented runs per function); returns
     ``{pass: [{"name", "ms", "calls", "gflop", "gflops", "shapes", "flop_per_byte"}]}`` (every function, slowest
-    first; ``flop_per_byte``: :func:`kernel_flops` over :func:`kernel_bytes`, conv and matmul calls)."""
+    first; ``flop_per_byte``: :func:`kernel_flops` over :func:`kernel_bytes`, conv, matmul and attention calls)."""
     import tarfile
     import tempfile
 
@@ -133,13 +133,13 @@ def kernel_bytes(sym: str, args) -> float:
         cin_g, kh, kw, wel = w
         cin = out[1] if cin_g == 1 else cin_g
         return 4.0 * (out[0] * cin * (out[2] + kh - 1) * (out[3] + kw - 1) + int(np.prod(out)) + wel)
-    if "matmul" in sym and len(shapes) >= 2:
+    if ("matmul" in sym and len(shapes) >= 2) or _is_attention(sym, shapes):
         return 4.0 * sum(int(np.prod(s)) for s in shapes)
     return 0.0
 
 
 def kernel_flops(sym: str, args) -> float:
-    """FLOPs of a conv / matmul call from its argument shapes (destination-passing: output last)."""
+    """FLOPs of a conv / matmul / attention call from its argument shapes (destination-passing: output last)."""
     shapes = _shapes(args)
     if not shapes:
         return 0.0
@@ -150,4 +150,12 @@ def kernel_flops(sym: str, args) -> float:
         return 2.0 * nout * w[0] * w[1] * w[2] if w else 0.0
     if "matmul" in sym and len(shapes) >= 2:
         return 2.0 * nout * shapes[0][-1]
+    if _is_attention(sym, shapes):  # q @ k^T and probs @ v; the softmax's exp not counted
+        q, k, v = shapes[:3]
+        return 2.0 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
     return 0.0
+
+
+def _is_attention(sym: str, shapes) -> bool:
+    """A fused attention call (``sige_te.attention_te``): q [B, H, M, D], k [B, H, N, D], v, out."""
+    return "attention" in sym and len(shapes) == 4 and all(len(s) == 4 for s in shapes)

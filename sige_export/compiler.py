@@ -99,6 +99,9 @@ class CompiledLibrary:
         if self._vm is None:
             from tvm import relax
 
+            from .artifact import use_physical_cores
+
+            use_physical_cores()
             self._vm = relax.VirtualMachine(self.executable, self._device())
         return self._vm
 
@@ -316,7 +319,8 @@ def compile_program(model: onnx.ModelProto, target: str | TargetSpec, input_shap
     if input_shapes:
         input_shapes = {renamed.get(k, k): v for k, v in input_shapes.items()}
     mod = from_sige_onnx(model, input_shapes, packed_weights={renamed.get(n, n) for n in packed_weights},
-                         working_copies={renamed.get(w, w): renamed.get(c, c) for w, c in (working_copies or {}).items()})
+                         working_copies={renamed.get(w, w): renamed.get(c, c) for w, c in (working_copies or {}).items()},
+                         fuse_attention=spec.family != "cuda")
     log: list = []
     tgt = spec.tvm_target()
     back = {v: k for k, v in renamed.items()}
@@ -358,6 +362,9 @@ class LoadedLibrary:
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         import tvm_ffi
 
+        from .artifact import use_physical_cores
+
+        use_physical_cores()
         _load_tvm_runtime()
         self._ffi = tvm_ffi
         self.module = tvm_ffi.load_module(str(path))

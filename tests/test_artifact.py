@@ -358,17 +358,41 @@ def test_build_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sige"]
 
 
-def test_engines_use_every_physical_core(small):
-    """A loaded artifact runs one TVM thread per physical core (TVM's x86 default is half the logical CPUs:
-    half the cores on machines without SMT); an explicit TVM_NUM_THREADS wins."""
+TINY_PROGRAM = """
+    import numpy as np, onnx
+    from onnx import helper, TensorProto
+    from sige_export.compiler import compile_program
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [vi("x")], [vi("y")]),
+                          opset_imports=[helper.make_opsetid("", 18)])
+    program = compile_program(m, "host")
+"""
+THREAD_USERS = {  # the three ways to run compiled code in-process
+    "engine": """
+        import numpy as np, sige_export
+        engine = sige_export.load({artifact!r})
+        engine.prime(**{{i["name"]: np.zeros(i["shape"], i["dtype"]) for i in engine.manifest["inputs"]}})
+    """,
+    "compiled program": TINY_PROGRAM + """
+    program.run(np.zeros(4, np.float32))
+    """,
+    "loaded library": TINY_PROGRAM + """
+    from sige_export.compiler import load_library
+    program.export_library({library!r})
+    load_library({library!r})(np.zeros(4, np.float32))
+    """,
+}
+
+
+@pytest.mark.parametrize("user", sorted(THREAD_USERS))
+def test_compiled_code_uses_every_physical_core(small, tmp_path, user):
+    """Engines, compiled programs and loaded libraries run one TVM thread per physical core (TVM's x86
+    default is half the logical CPUs: half the cores on machines without SMT); an explicit TVM_NUM_THREADS
+    wins."""
     from sige_export.artifact import physical_cores
 
-    code = textwrap.dedent(f"""
-        import numpy as np, sige_export, tvm_ffi
-        engine = sige_export.load({str(small[1])!r})
-        engine.prime(**{{i["name"]: np.zeros(i["shape"], i["dtype"]) for i in engine.manifest["inputs"]}})
-        print(tvm_ffi.get_global_func("runtime.NumThreads")())
-    """)
+    code = textwrap.dedent(THREAD_USERS[user].format(artifact=str(small[1]), library=str(tmp_path / "tiny.so"))) \
+        + "\nimport tvm_ffi; print(tvm_ffi.get_global_func('runtime.NumThreads')())\n"
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(run.stdout.split()[-1]) == physical_cores() >= 1

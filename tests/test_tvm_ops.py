@@ -543,6 +543,60 @@ def test_matmul(case):
         assert_close(got, want, what=f"{case}, R={rows}")
 
 
+# -- Attention (cpu.attention) --------------------------------------------------------------------------
+# softmax(q @ kt * scale) @ v as a transformer exports it (kt a Transpose of the token-major keys): query rows
+# static in whole and partial 32-row tiles or symbolic (an edit's tokens, 0 and 1 included), key counts from
+# 7 to 77 (ragged against the 8-key register tile), value widths of 5 to 40, logits large enough to overflow
+# exp without the row max.
+ATTENTION_CASES = {
+    "self, whole tiles": ([1, 2, 64, 16], 64, 24, 0.25),
+    "cross, 77 keys, symbolic rows": ([1, 2, "R", 40], 77, 40, 40 ** -0.5),
+    "static partial tile, 19 keys, 5 values": ([2, 3, 45, 8], 19, 5, 1.0),
+    "large logits, 7 keys": ([1, 1, 40, 4], 7, 12, 30.0),
+    "negative scale": ([1, 2, 32, 8], 16, 8, -0.5),
+}
+
+
+def softmax_attention(q, kt, v, scale):
+    s = (q.astype(np.float64) @ kt) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+def attention_model(q_shape, keys, values, scale, softmax_axis=-1):
+    b, h, _, d = q_shape
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "scale"], ["ss"]),
+             helper.make_node("Softmax", ["ss"], ["p"], axis=softmax_axis),
+             helper.make_node("MatMul", ["p", "v"], ["y"])]
+    return make_model(nodes, [vi("q", q_shape), vi("k", [b, keys, h, d]), vi("v", [b, h, keys, values])],
+                      [vi("y", None)], [init("scale", np.array(scale, np.float32))])
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_attention(case):
+    q_shape, keys, values, scale = ATTENTION_CASES[case]
+    lib = compile_program(attention_model(q_shape, keys, values, scale), "host")
+    assert [r for f, r, s in lib.schedule_log if s == "ok" and f == "attention"] == ["cpu.attention"], \
+        lib.schedule_log
+    b, h, _, d = q_shape
+    for rows in ((0, 1, 31, 33, 70) if "R" in q_shape else (None,)):
+        q = f32(*[rows if x == "R" else x for x in q_shape])
+        k, v = f32(b, keys, h, d), f32(b, h, keys, values)
+        want = softmax_attention(q, k.transpose(0, 2, 3, 1), v, scale)
+        assert_close(lib.run(q, k, v), want, what=f"{case}, R={rows}")
+
+
+def test_attention_softmax_over_another_axis_is_not_fused():
+    """A Softmax over the queries is no attention: the chain is imported op by op, and still agrees."""
+    lib = compile_program(attention_model([1, 2, 16, 8], 16, 8, 0.5, softmax_axis=2), "host")
+    assert "cpu.attention" not in {r for _, r, _ in lib.schedule_log}, lib.schedule_log
+    q, k, v = f32(1, 2, 16, 8), f32(1, 16, 2, 8), f32(1, 2, 16, 8)
+    s = (q.astype(np.float64) @ k.transpose(0, 2, 3, 1)) * 0.5
+    p = np.exp(s - s.max(2, keepdims=True))
+    assert_close(lib.run(q, k, v), (p / p.sum(2, keepdims=True)) @ v, what="softmax over axis 2")
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 8, 20), 2), ((2, 8, 20), 1), ((1, 3, 12, 5), 2), ((9, 4), 0)])
 def test_scatter_elements_of_changed_tokens(shape, axis):
     """The sparsifier's token scatter (ScatterElements of R rows into a cached map, the same rows for every other

@@ -405,11 +405,16 @@ def _importer_class():
             outs = {o.name for o in graph.output}
             virtual = self._virtual_concats(graph, uses, outs)
             fused, skip = self._block_convs(graph, virtual, uses, outs)
+            attention = self._attention_chains(graph, uses, outs) if self.fuse_attention else {}
+            skip |= {n.output[0] for chain in attention.values() for n in chain[:-1]}
             for node in graph.node:
                 if node.output and node.output[0] in skip:
                     continue
                 if node.output and node.output[0] in fused:
                     self._construct_block_conv(node, *fused[node.output[0]])
+                    continue
+                if node.output and node.output[0] in attention:
+                    self._construct_attention(attention[node.output[0]])
                     continue
                 if node.output and node.output[0] in virtual and self._try_virtual_concat(node):
                     continue
@@ -429,6 +434,80 @@ def _importer_class():
                     self._construct_sige(node)
                 else:  # guarded by _check_for_unsupported_ops, kept for subgraphs
                     raise UnsupportedNodeError(f"{_node_label(node)}: unknown op domain {node.domain!r}")
+
+        fuse_attention = False
+
+        def _attention_chains(self, graph, uses: dict, outs: set) -> dict:
+            """``MatMul(q, kt) [-> Mul(scale)] -> Softmax(last axis) -> MatMul(., v)`` whose intermediates have no
+            other use: {final output: [the chain's nodes]}."""
+            producer = {o: n for n in graph.node for o in n.output}
+
+            def only_use(name):
+                u = uses.get(name, [])
+                return u[0] if len(u) == 1 and name not in outs else (None, None)
+
+            def attr(node, key, default):
+                return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+            chains = {}
+            for sm in graph.node:
+                if sm.domain not in STANDARD_DOMAINS or sm.op_type != "Softmax" \
+                        or attr(sm, "axis", -1 if self.opset >= 13 else 1) not in (-1, 3):
+                    continue
+                final, pos = only_use(sm.output[0])
+                if final is None or final.op_type != "MatMul" or pos != 0 or final.domain not in STANDARD_DOMAINS:
+                    continue
+                chain = [sm, final]
+                pre = producer.get(sm.input[0])
+                if pre is not None and pre.op_type == "Mul" and pre.domain in STANDARD_DOMAINS \
+                        and only_use(pre.output[0])[0] is sm:
+                    chain.insert(0, pre)
+                    pre = next((producer.get(i) for i in pre.input if producer.get(i) is not None
+                                and producer[i].op_type == "MatMul"), None)
+                if pre is None or pre.op_type != "MatMul" or pre.domain not in STANDARD_DOMAINS \
+                        or only_use(pre.output[0])[0] is not chain[0]:
+                    continue
+                chains[final.output[0]] = [pre] + chain
+            return chains
+
+        def _construct_attention(self, chain) -> None:
+            """One ``sige_te.attention_te`` for a chain of ``_attention_chains`` (float32, ``q`` [B, H, M, D] with
+            ``M`` the only symbolic dim, no broadcasting, a scalar constant scale); the chain's nodes one
+            by one when it is not such a chain."""
+            import tvm
+
+            from . import sige_te
+
+            scores, *rest = chain
+            final = rest[-1]
+            scale = 1.0
+            ok = True
+            if rest[0].op_type == "Mul":
+                c = [self._nodes.get(i) for i in rest[0].input if i != scores.output[0]]
+                ok = len(c) == 1 and isinstance(c[0], tvm.ir.expr.Constant) and c[0].value.numpy().size == 1
+                scale = float(c[0].value.numpy().reshape(-1)[0]) if ok else 0.0
+            q, kt = self._nodes.get(scores.input[0]), self._nodes.get(scores.input[1])
+            v = self._nodes.get(final.input[1])
+            try:
+                qs, ks, vs = _shape_of(q), [int(d) for d in _shape_of(kt)], [int(d) for d in _shape_of(v)]
+                static_q = [int(d) for k, d in enumerate(qs) if k != 2]
+            except Exception:
+                ok = False
+            ok = ok and len(qs) == 4 and len(ks) == 4 and len(vs) == 4 \
+                and all(str(t.ty.dtype) == "float32" for t in (q, kt, v)) \
+                and static_q[:2] == ks[:2] == vs[:2] and static_q[2] == ks[2] and ks[3] == vs[2]
+            if not ok:
+                for node in chain:
+                    super()._construct_nodes(self._OneNode(node))
+                return
+            from tvm import relax
+
+            # k itself ([B, H, N, D]): kt's rows lie N floats apart, and a register tile's loads down them would
+            # all fall in one L1 set; kt is mostly a Transpose, which this one folds into when fused
+            k = self.bb.emit(relax.op.permute_dims(kt, [0, 1, 3, 2]))
+            self._nodes[final.output[0]] = self.bb.emit_te(
+                lambda q, k, v: sige_te.attention_te(q, k, v, scale), q, k, v,
+                primfunc_name_hint="attention", primfunc_attrs={"sige.op": "Attention"})
 
         def _construct_border_pad(self, node) -> bool:
             """A reflect / edge Pad of H and W with constant pads as ``sige_te.pad_primfunc``; False for any other."""
@@ -627,14 +706,15 @@ def default_shapes(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
 
 def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = None, *,
                    keep_params_in_input: bool = False, packed_weights=(),
-                   working_copies: Mapping[str, str] | None = None):
+                   working_copies: Mapping[str, str] | None = None, fuse_attention: bool = False):
     """Import a SIGE ONNX model into a Relax ``IRModule`` (function ``main``; ``restore`` too when the model
     has working copies: ``working_copies`` is the map :func:`with_working_copies` returned).
 
     ``shapes`` maps input names to shapes; entries may be ints, strings (named symbolic dims,
     shared between inputs) or None (a fresh symbolic dim). ``indices`` inputs of ai.sige ops
     that are not given default to ``("N_k", 2)`` -- a symbolic block count, so one compiled
-    module serves every mask.
+    module serves every mask. ``fuse_attention``: each ``softmax(q @ kt * scale) @ v`` becomes one
+    ``sige_te.attention_te`` (scheduled by ``cpu.attention``; no GPU rule yet).
     """
     from tvm.relax.frontend.onnx import onnx_frontend as of
 
@@ -659,6 +739,7 @@ def from_sige_onnx(model: onnx.ModelProto, shapes: Mapping[str, Any] | None = No
     Importer = _importer_class()
     g = Importer(shape_dict, dtypes, keep_params_in_input=keep_params_in_input, sanitize=True)
     g.packed_weights = frozenset(packed_weights)
+    g.fuse_attention = fuse_attention
     g.working_copies = dict(working_copies or {})
     g.restore_regions = []
     mod = g.from_onnx(model.graph, opset)

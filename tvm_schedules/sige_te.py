@@ -633,3 +633,42 @@ def scatter_elements_primfunc(shape, dtype: str = "float32"):
                 va, vr, vp = T.axis.remap("SSS", [a, r, p])
                 out[va, idx[va, vr, vp], vp] = upd[va, vr, vp]
     return scatter
+
+
+ATTENTION_ROWS = 32  # query rows per tile: the innermost axis of every per-tile stage (two AVX-512 vectors)
+
+
+def attention_te(q, k, v, scale: float, rows: int = ATTENTION_ROWS):
+    """``softmax(scale * q @ k^T, axis=-1) @ v`` for ``q`` [B, H, M, D], ``k`` [B, H, N, D], ``v`` [B, H, N, Dv]
+    (``M`` may be symbolic; ``scale`` is folded into ``q``), a tile of ``rows`` queries at a time: each stage is
+    indexed by the tile ``t`` and keeps the tile's rows innermost (``[..., t, j, r]``), so the schedule computes a
+    tile's scores ``[N, rows]`` in a scratch that stays in cache, never the ``[M, N]`` matrix, and every row-wise
+    step (max, ``exp``, sum, the product with ``v``) is a vector operation over the rows.
+
+    Blocks (the contract with ``cpu.attention``): ``attention_rows`` (``q``'s tile transposed and scaled, zeros
+    past ``M``), ``attention_scores``, ``attention_max``, ``attention_probs`` (unnormalised ``exp``),
+    ``attention_sum``, ``attention_weighted`` (``probs @ v``, ``[..., t, c, r]``) and ``attention`` (``[B, H, M,
+    Dv]``, the weighted sum over the row's sum)."""
+    B, H, M, D = q.shape
+    N, Dv = k.shape[2], v.shape[3]
+    # floordiv(M - 1) + 1, not floordiv(M + rows - 1): compute-at proves the last row's tile in range only so
+    tiles = -(-int(M) // rows) if isinstance(M, (int, tir.IntImm)) else tir.floordiv(M - 1, rows) + 1
+    sc = tir.const(float(scale), q.dtype)
+    qt = te.compute((B, H, tiles, D, rows),
+                    lambda b, h, t, d, r: tir.if_then_else(t * rows + r < M, q[b, h, t * rows + r, d] * sc,
+                                                           tir.const(0, q.dtype)), name="attention_rows")
+    d = te.reduce_axis((0, D), name="d")
+    s = te.compute((B, H, tiles, N, rows), lambda b, h, t, j, r: te.sum(qt[b, h, t, d, r] * k[b, h, j, d], axis=d),
+                   name="attention_scores")
+    jm = te.reduce_axis((0, N), name="jm")
+    mx = te.compute((B, H, tiles, rows), lambda b, h, t, r: te.max(s[b, h, t, jm, r], axis=jm), name="attention_max")
+    e = te.compute((B, H, tiles, N, rows), lambda b, h, t, j, r: te.exp(s[b, h, t, j, r] - mx[b, h, t, r]),
+                   name="attention_probs")
+    js = te.reduce_axis((0, N), name="js")
+    total = te.compute((B, H, tiles, rows), lambda b, h, t, r: te.sum(e[b, h, t, js, r], axis=js),
+                       name="attention_sum")
+    j = te.reduce_axis((0, N), name="j")
+    o = te.compute((B, H, tiles, Dv, rows), lambda b, h, t, c, r: te.sum(e[b, h, t, j, r] * v[b, h, j, c], axis=j),
+                   name="attention_weighted")
+    return te.compute((B, H, M, Dv), lambda b, h, i, c: o[b, h, tir.floordiv(i, rows), c, tir.floormod(i, rows)]
+                      / total[b, h, tir.floordiv(i, rows), tir.floormod(i, rows)], name="attention")

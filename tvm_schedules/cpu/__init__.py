@@ -1,7 +1,7 @@
 """CPU schedule rules (x86 AVX-512/AVX2 and ARM NEON; the vector width comes from the target).
 
 Rules (``default_rules`` tries SigeGatherScatter, GroupMoments, DepthwiseConv2d, DepthwiseBlocks, PointwiseBlocks,
-Conv2dNCHW, Matmul, Generic; the first match wins, like ``s_tir.dlight``):
+Conv2dNCHW, Matmul, Attention, Generic; the first match wins, like ``s_tir.dlight``):
 
 * ``Conv2dNCHW``  -- dense NCHW conv (TOPI ``pad_temp`` + ``conv2d_nchw`` + fused epilogue) and
   ``SigeSparseConv2d`` (``sige_gather`` + ``sige_conv`` + ``sige_bias``): output channels packed
@@ -16,6 +16,8 @@ Conv2dNCHW, Matmul, Generic; the first match wins, like ``s_tir.dlight``):
   static ``j`` of at least a vector (``i`` may be symbolic: an edit's changed tokens; a ragged last row or column
   tile computes from a copy of its operand): register tiles of up to 16 vector accumulators, column panels
   outermost.
+* ``Attention`` (``attention.py``) -- ``softmax(q @ k^T * scale) @ v`` fused by the importer
+  (``sige_te.attention_te``): a tile of 32 query rows per task, its scores never leave the core's caches.
 * ``SigeGatherScatter`` -- gather/scatter ops: parallel over blocks x channels (scatters: channel planes
   outer); a two-stage gather's activation vectorised over each block.
 * ``GroupMoments`` -- ``SigeTileMoments`` / ``SigeScatterMoments`` (group-norm statistics of an edit): one
@@ -894,8 +896,10 @@ def _vectorized_reduction(sch, block, lanes: int, min_extent: int = 256) -> bool
 
 
 def default_rules():
+    from .attention import Attention
+
     return [SigeGatherScatter(), GroupMoments(), DepthwiseConv2d(), DepthwiseBlocks(), PointwiseBlocks(), Conv2dNCHW(),
-            Matmul(), Generic()]
+            Matmul(), Attention(), Generic()]
 
 
 __all__ = ["Conv2dNCHW", "DepthwiseConv2d", "DepthwiseBlocks", "PointwiseBlocks", "Matmul", "SigeGatherScatter", "GroupMoments", "Generic",
