@@ -344,28 +344,17 @@ _KDL_CPU, _KDL_CUDA = 1, 2
 _POOLED = 2
 
 
-def _load_tvm_runtime():
-    """dlopen libtvm_runtime.so (RTLD_GLOBAL) without importing the ``tvm`` compiler package."""
-    import ctypes
-    import importlib.util
-
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the TVM runtime (libtvm_runtime.so from apache-tvm) is not installed")
-    lib = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libtvm_runtime.so"
-    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-
-
 class LoadedLibrary:
     """A Relax VM over an exported ``.so``, driven through tvm_ffi only (no ``import tvm``)."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         import tvm_ffi
 
-        from .artifact import use_physical_cores
+        from .artifact import _load_tvm_runtime, use_physical_cores
 
-        use_physical_cores()
-        _load_tvm_runtime()
+        if device != "cuda":
+            use_physical_cores()
+        _load_tvm_runtime(cuda=device == "cuda")
         self._ffi = tvm_ffi
         self.module = tvm_ffi.load_module(str(path))
         self.vm = self.module["vm_load_executable"]()

@@ -446,13 +446,10 @@ def _importer_class():
                 u = uses.get(name, [])
                 return u[0] if len(u) == 1 and name not in outs else (None, None)
 
-            def attr(node, key, default):
-                return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
-
             chains = {}
             for sm in graph.node:
                 if sm.domain not in STANDARD_DOMAINS or sm.op_type != "Softmax" \
-                        or attr(sm, "axis", -1 if self.opset >= 13 else 1) not in (-1, 3):
+                        or self._parse_attr(sm.attribute).get("axis", -1 if self.opset >= 13 else 1) not in (-1, 3):
                     continue
                 final, pos = only_use(sm.output[0])
                 if final is None or final.op_type != "MatMul" or pos != 0 or final.domain not in STANDARD_DOMAINS:
